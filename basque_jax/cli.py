@@ -1,0 +1,46 @@
+"""``basque-jax`` command line: one sub-command per pipeline stage."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from basque_jax.demo import run_demo
+
+    return run_demo(args.out)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from basque_jax.model.config import LlamaConfig
+
+    if args.model.endswith(".json") or "/" in args.model:
+        cfg = LlamaConfig.from_hf_file(args.model)
+    else:
+        cfg = LlamaConfig.preset(args.model)
+    print(cfg)
+    print(f"parameters: {cfg.num_parameters:,}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="basque-jax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="run the end-to-end demo on an embedded tiny default")
+    demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    demo.set_defaults(func=_cmd_demo)
+    info = sub.add_parser("info", help="print a model preset or HF config and its size")
+    info.add_argument("model", help="preset name (e.g. llama3.1-8b) or HF folder / config.json")
+    info.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,324 @@
+"""Llama 3.x in Flax NNX with Hugging Face semantics, read top to bottom.
+
+* Decoder layers are stored once with stacked parameters (leading ``layers`` axis) and applied
+  with ``jax.lax.scan``; the scanned body is rematerialised per :data:`REMAT_POLICIES`.
+* Every parameter carries ``logical_axes`` metadata; activations are pinned with
+  :func:`basque_jax.sharding.constrain`. The mapping to mesh axes lives in ``sharding.py`` only.
+* Training, prefill and one-token decode run the same code: with a :class:`KVCache` the new keys
+  and values are written at each row's ``end`` slot and attention reads the whole cache.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from basque_jax.model.attention import AttentionMask, attention
+from basque_jax.model.config import LlamaConfig
+from basque_jax.model.rope import apply_rope, inverse_frequencies, rope_tables
+from basque_jax.sharding import constrain
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything": jax.checkpoint_policies.everything_saveable,
+}
+
+
+class KVCache(NamedTuple):
+    """Preallocated keys/values ``[layers, batch, max_len, kv_heads, head_dim]``.
+
+    ``segment_ids [batch, max_len]`` marks filled slots (0 = empty or padding) and ``end [batch]``
+    is the next slot each row writes to. Rows are independent, so a finished row can be reset
+    and refilled without touching the others.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    segment_ids: jax.Array
+    end: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def _normal(std: float):
+    return jax.nn.initializers.normal(stddev=std)
+
+
+class Linear(nnx.Module):
+    """Bias-free projection, kernel ``[in, out]`` (HF ``weight`` transposed), optionally stacked.
+
+    LoRA adapters, when attached (``basque_jax.model.lora``), live beside the kernel as
+    ``lora_a [in, r]`` and ``lora_b [r, out]`` and are added with ``lora_scale``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        axes: tuple[str, str],
+        *,
+        num_layers: int | None,
+        param_dtype: jnp.dtype,
+        dtype: jnp.dtype,
+        init_std: float,
+        rngs: nnx.Rngs,
+    ):
+        lead = () if num_layers is None else (num_layers,)
+        lead_axes = () if num_layers is None else ("layers",)
+        self.kernel = nnx.Param(
+            _normal(init_std)(rngs.params(), (*lead, in_features, out_features), param_dtype),
+            logical_axes=(*lead_axes, *axes),
+        )
+        self.dtype = dtype
+        self.lora_a: nnx.Param | None = None
+        self.lora_b: nnx.Param | None = None
+        self.lora_scale: float = 0.0
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)
+        y = x @ self.kernel[...].astype(self.dtype)
+        if self.lora_a is not None and self.lora_b is not None:
+            low = x @ self.lora_a[...].astype(self.dtype)
+            y = y + (low @ self.lora_b[...].astype(self.dtype)) * jnp.asarray(
+                self.lora_scale, self.dtype
+            )
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """HF LlamaRMSNorm: normalise in float32, cast back, then multiply by the weight."""
+
+    def __init__(self, dim: int, eps: float, *, num_layers: int | None, param_dtype, dtype):
+        lead = () if num_layers is None else (num_layers,)
+        lead_axes = () if num_layers is None else ("layers",)
+        self.weight = nnx.Param(jnp.ones((*lead, dim), param_dtype), logical_axes=(*lead_axes,
+                                                                                   "norm"))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(self.dtype) * normed.astype(self.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with rotary embeddings and an optional KV cache."""
+
+    def __init__(self, cfg: LlamaConfig, *, num_layers, param_dtype, dtype, attention_impl, rngs):
+        hd = cfg.resolved_head_dim
+        common = dict(num_layers=num_layers, param_dtype=param_dtype, dtype=dtype,
+                      init_std=cfg.initializer_range, rngs=rngs)
+        h = cfg.hidden_size
+        self.q_proj = Linear(h, cfg.num_attention_heads * hd, ("embed", "heads"), **common)
+        self.k_proj = Linear(h, cfg.num_key_value_heads * hd, ("embed", "kv_heads"), **common)
+        self.v_proj = Linear(h, cfg.num_key_value_heads * hd, ("embed", "kv_heads"), **common)
+        self.o_proj = Linear(cfg.num_attention_heads * hd, h, ("heads", "embed"), **common)
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = hd
+        self.attention_impl = attention_impl
+
+    def __call__(self, x, cos, sin, mask: AttentionMask, cache_kv=None, write_start=None):
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q = constrain(apply_rope(q, cos, sin), ("batch", "sequence", "act_heads", "head_dim"))
+        k = constrain(apply_rope(k, cos, sin), ("batch", "sequence", "act_kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "sequence", "act_kv_heads", "head_dim"))
+        new_cache = None
+        if cache_kv is not None:
+            k = _write_rows(cache_kv[0], k.astype(cache_kv[0].dtype), write_start)
+            v = _write_rows(cache_kv[1], v.astype(cache_kv[1].dtype), write_start)
+            new_cache = (k, v)
+        out = attention(q, k, v, mask, implementation=self.attention_impl)
+        out = constrain(out, ("batch", "sequence", "act_heads", "head_dim"))
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), new_cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, cfg: LlamaConfig, *, num_layers, param_dtype, dtype, rngs):
+        common = dict(num_layers=num_layers, param_dtype=param_dtype, dtype=dtype,
+                      init_std=cfg.initializer_range, rngs=rngs)
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(h, i, ("embed", "mlp"), **common)
+        self.up_proj = Linear(h, i, ("embed", "mlp"), **common)
+        self.down_proj = Linear(i, h, ("mlp", "embed"), **common)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(constrain(hidden, ("batch", "sequence", "act_mlp")))
+
+
+class DecoderLayer(nnx.Module):
+    """One pre-norm transformer block; built with stacked parameters for all layers at once."""
+
+    def __init__(self, cfg: LlamaConfig, *, num_layers, param_dtype, dtype, attention_impl, rngs):
+        norm = dict(num_layers=num_layers, param_dtype=param_dtype, dtype=dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
+        self.self_attn = Attention(cfg, num_layers=num_layers, param_dtype=param_dtype,
+                                   dtype=dtype, attention_impl=attention_impl, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
+        self.mlp = MLP(cfg, num_layers=num_layers, param_dtype=param_dtype, dtype=dtype,
+                       rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask, cache_kv=None, write_start=None):
+        attn, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv,
+                                         write_start)
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return constrain(x, ("batch", "sequence", "act_embed")), new_cache
+
+
+class Embed(nnx.Module):
+    """Token embedding table ``[vocab, hidden]``."""
+
+    def __init__(self, vocab: int, dim: int, *, param_dtype, dtype, init_std, rngs):
+        self.embedding = nnx.Param(
+            _normal(init_std)(rngs.params(), (vocab, dim), param_dtype),
+            logical_axes=("vocab", "embed"),
+        )
+        self.dtype = dtype
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Tied output projection: ``x @ embedding.T``."""
+        return x.astype(self.dtype) @ self.embedding[...].astype(self.dtype).T
+
+
+class Llama(nnx.Module):
+    """Llama 3.x causal LM: ``model(input_ids, positions=None, segment_ids=None) -> logits``.
+
+    Args:
+      config: architecture.
+      param_dtype: dtype parameters are stored in.
+      dtype: compute dtype (bfloat16 for training at scale; float32 for exact parity).
+      attention: ``auto`` | ``xla`` | ``dot_product`` | ``cudnn`` | ``splash`` |
+        ``splash_interpret`` (see :mod:`basque_jax.model.attention`).
+      remat: a key of :data:`REMAT_POLICIES`, applied to each scanned layer.
+    """
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        *,
+        param_dtype: jnp.dtype = jnp.float32,
+        dtype: jnp.dtype = jnp.float32,
+        attention: str = "auto",
+        remat: str = "none",
+        rngs: nnx.Rngs,
+    ):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {remat!r}; choose from {list(REMAT_POLICIES)}")
+        self.config = config
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.remat = remat
+        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, param_dtype=param_dtype,
+                                  dtype=dtype, init_std=config.initializer_range, rngs=rngs)
+        self.layers = DecoderLayer(config, num_layers=config.num_hidden_layers,
+                                   param_dtype=param_dtype, dtype=dtype,
+                                   attention_impl=attention, rngs=rngs)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, num_layers=None,
+                            param_dtype=param_dtype, dtype=dtype)
+        self.lm_head = None if config.tie_word_embeddings else Linear(
+            config.hidden_size, config.vocab_size, ("embed", "vocab"), num_layers=None,
+            param_dtype=param_dtype, dtype=dtype, init_std=config.initializer_range, rngs=rngs)
+
+    # ------------------------------------------------------------------ forward
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        cache: KVCache | None = None,
+        *,
+        return_hidden: bool = False,
+    ):
+        """Logits ``[batch, seq, vocab]`` (and the updated cache when one is given).
+
+        ``positions`` default to each token's slot (``arange`` without a cache); ``segment_ids``
+        default to one document per row; 0 marks padding. With ``return_hidden`` the final
+        normalised hidden states are returned instead of logits (for chunked losses).
+        """
+        b, t = input_ids.shape
+        seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+        if cache is None:
+            slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            mask = AttentionMask(slots, slots, seg, seg)
+            write_start = None
+        else:
+            write_start = cache.end
+            slots = write_start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+            cache_seg = _write_rows(cache.segment_ids, seg, write_start)
+            kv_slots = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32),
+                                        (b, cache.max_len))
+            mask = AttentionMask(slots, kv_slots, seg, cache_seg)
+        pos = slots if positions is None else positions.astype(jnp.int32)
+        cos, sin = rope_tables(pos, inverse_frequencies(self.config))
+
+        x = constrain(self.embed_tokens(input_ids), ("batch", "sequence", "act_embed"))
+        x, new_kv = self._run_layers(x, cos, sin, mask, cache, write_start)
+        x = self.norm(x)
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(new_kv[0], new_kv[1], mask.kv_segments,
+                                cache.end + jnp.sum(seg != 0, axis=-1, dtype=jnp.int32))
+        out = x if return_hidden else self.logits(x)
+        return out if cache is None else (out, new_cache)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Output projection (tied to the embedding for Llama 3.2)."""
+        out = self.embed_tokens.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
+        return constrain(out, ("batch", "sequence", "act_vocab"))
+
+    def _run_layers(self, x, cos, sin, mask, cache, write_start):
+        graphdef, state = nnx.split(self.layers)
+
+        def body(carry, xs):
+            layer_state, kv = xs
+            layer = nnx.merge(graphdef, layer_state)
+            y, new_kv = layer(carry, cos, sin, mask, kv, write_start)
+            return y, new_kv
+
+        policy = REMAT_POLICIES[self.remat]
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        kv_in = None if cache is None else (cache.k, cache.v)
+        return jax.lax.scan(body, x, (state, kv_in))
+
+    # ------------------------------------------------------------------ cache
+    def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype | None = None) -> KVCache:
+        """An empty cache for ``batch`` rows of up to ``max_len`` tokens."""
+        cfg = self.config
+        shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads,
+                 cfg.resolved_head_dim)
+        dtype = dtype or self.dtype
+        return KVCache(
+            k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+            segment_ids=jnp.zeros((batch, max_len), jnp.int32),
+            end=jnp.zeros((batch,), jnp.int32),
+        )
+
+
+def _write_rows(buffer: jax.Array, update: jax.Array, start: jax.Array) -> jax.Array:
+    """Write ``update [b, t, ...]`` into ``buffer [b, s, ...]`` at per-row slot ``start [b]``."""
+
+    def one(buf, upd, s):
+        index = (s,) + (0,) * (buf.ndim - 1)
+        return jax.lax.dynamic_update_slice(buf, upd, index)
+
+    return jax.vmap(one)(buffer, update, start)
