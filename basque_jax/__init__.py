@@ -1,15 +1,28 @@
-"""basque_jax: teach Llama 3.x a low-resource language (Basque first) with JAX on TPU pods."""
+"""basque_jax: teach Llama 3.x a low-resource language (Basque first) with JAX on TPU pods.
 
-from basque_jax.model import KVCache, Llama, LlamaConfig
+Top-level names load lazily, so light modules (the data pipeline's worker processes) do not pay
+for importing the model stack.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["KVCache", "Llama", "LlamaConfig", "load_pretrained", "save_pretrained"]
+_EXPORTS = {
+    "KVCache": "basque_jax.model.llama",
+    "Llama": "basque_jax.model.llama",
+    "LlamaConfig": "basque_jax.model.config",
+    "load_pretrained": "basque_jax.model.hf",
+    "save_pretrained": "basque_jax.model.hf",
+}
+
+__all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in ("load_pretrained", "save_pretrained"):
-        from basque_jax.model import hf
-
-        return getattr(hf, name)
-    raise AttributeError(name)
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'basque_jax' has no attribute {name!r}")
