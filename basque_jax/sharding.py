@@ -4,17 +4,29 @@ Every parameter carries ``logical_axes`` metadata and every activation constrain
 axes only (:func:`constrain`); changing parallelism means changing :data:`DEFAULT_RULES` (or the
 config's override of it), nothing else. Parameter axes and activation axes have distinct names
 because FSDP shards weights along ``embed`` while activations stay whole along it.
+
+Also here: the mesh from config (:class:`MeshConfig`, :func:`make_mesh`, :func:`validate_mesh`)
+and placing a model's variables by their logical axes (:func:`param_shardings`,
+:func:`shard_model`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import numpy as np
+from flax import nnx
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+if TYPE_CHECKING:
+    from basque_jax.model.config import LlamaConfig
 
 MeshAxes = str | tuple[str, ...] | None
 
@@ -127,3 +139,163 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     if len(logical_axes) != x.ndim:
         raise ValueError(f"logical axes {tuple(logical_axes)} do not match shape {x.shape}")
     return jax.lax.with_sharding_constraint(x, ctx.sharding(logical_axes))
+
+
+# --------------------------------------------------------------------------- mesh from config
+MESH_AXES = ("dcn", "data", "fsdp", "tensor")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes; ``-1`` (at most one) means "the devices left over".
+
+    ``dcn`` is the data-parallel axis across slices (multi-slice TPU, over the data-centre
+    network); ``data``, ``fsdp`` and ``tensor`` run inside a slice over ICI.
+    """
+
+    dcn: int = 1
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    def sizes(self, num_devices: int) -> dict[str, int]:
+        """Every axis size resolved for ``num_devices`` devices; ValueError if impossible."""
+        sizes = {a: getattr(self, a) for a in MESH_AXES}
+        for axis, size in sizes.items():
+            if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
+                raise ValueError(f"mesh.{axis}: size must be a positive integer or -1, "
+                                 f"got {size!r}")
+        rest = [a for a, s in sizes.items() if s == -1]
+        if len(rest) > 1:
+            raise ValueError(f"mesh: only one axis may be -1, got {' and '.join(rest)}")
+        fixed = math.prod(s for s in sizes.values() if s != -1)
+        shape = " × ".join(f"{a}={s}" for a, s in sizes.items())
+        if rest:
+            if num_devices % fixed:
+                raise ValueError(f"mesh {shape}: the fixed axes multiply to {fixed}, which does "
+                                 f"not divide the {num_devices} devices")
+            sizes[rest[0]] = num_devices // fixed
+        elif fixed != num_devices:
+            raise ValueError(f"mesh {shape} has {fixed} devices but {num_devices} are "
+                             "available; sizes must multiply to the device count (or use -1)")
+        return sizes
+
+
+def device_grid(cfg: MeshConfig, devices: Sequence | None = None) -> np.ndarray:
+    """Devices arranged ``[dcn, data, fsdp, tensor]`` for good collective performance.
+
+    Devices from several TPU slices (``slice_index``) need ``dcn`` = the slice count: each dcn
+    row is then one slice (``create_hybrid_device_mesh``). Otherwise the topology-aware
+    ``create_device_mesh`` lays out all four axes.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = cfg.sizes(len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    slices = {getattr(d, "slice_index", 0) for d in devices}
+    if len(slices) > 1:
+        if sizes["dcn"] != len(slices):
+            raise ValueError(f"the devices span {len(slices)} slices but mesh.dcn is "
+                             f"{sizes['dcn']}; set mesh.dcn={len(slices)}")
+        return mesh_utils.create_hybrid_device_mesh(
+            (1, *shape[1:]), (sizes["dcn"], 1, 1, 1), devices, allow_split_physical_axes=True)
+    return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence | None = None) -> Mesh:
+    """A ``(dcn, data, fsdp, tensor)`` mesh with Auto axis types (sharding by propagation)."""
+    return Mesh(device_grid(cfg, devices), MESH_AXES, axis_types=(AxisType.Auto,) * 4)
+
+
+def _names(axes: MeshAxes) -> tuple[str, ...]:
+    return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
+def _mesh_size(mesh: Mesh, axes: MeshAxes) -> int:
+    return math.prod(mesh.shape.get(a, 1) for a in _names(axes))
+
+
+def validate_mesh(mesh: Mesh, config: LlamaConfig, global_batch_size: int,
+                  rules: Mapping[str, MeshAxes] | None = None) -> None:
+    """ValueError, naming the numbers, if ``config`` or the batch cannot be split on ``mesh``.
+
+    Checks attention heads and KV heads against the ``tensor`` axis (whole heads per device),
+    every sharded parameter dimension against its mesh axes under ``rules``, and the global batch
+    against the batch-sharding axes.
+    """
+    table = DEFAULT_RULES if rules is None else rules
+    tensor = mesh.shape.get("tensor", 1)
+    for what, n in (("attention heads", config.num_attention_heads),
+                    ("KV heads", config.num_key_value_heads)):
+        if n % tensor:
+            raise ValueError(f"{n} {what} are not divisible by the tensor axis size {tensor}")
+    dims = {"vocab": ("vocab_size", config.vocab_size),
+            "embed": ("hidden_size", config.hidden_size),
+            "mlp": ("intermediate_size", config.intermediate_size),
+            "heads": ("num_attention_heads", config.num_attention_heads),
+            "kv_heads": ("num_key_value_heads", config.num_key_value_heads),
+            "layers": ("num_hidden_layers", config.num_hidden_layers)}
+    for axis, (field, n) in dims.items():
+        size = _mesh_size(mesh, table.get(axis))
+        if n % size:
+            raise ValueError(f"{field}={n} is not divisible by {size}, the size of mesh axes "
+                             f"{table.get(axis)!r} that shard logical axis {axis!r}")
+    batch_axes = _names(table.get("batch"))
+    size = _mesh_size(mesh, batch_axes)
+    if global_batch_size % size:
+        parts = " × ".join(f"{a}={mesh.shape.get(a, 1)}" for a in batch_axes)
+        raise ValueError(f"global batch size {global_batch_size} is not divisible by {size}, "
+                         f"the batch-sharding mesh axes ({parts})")
+
+
+def rules_with_overrides(overrides: Mapping[str, Any]) -> dict[str, MeshAxes]:
+    """:data:`DEFAULT_RULES` with ``overrides`` applied (lists become tuples).
+
+    Keys must be logical axes, values a mesh axis name, a list of them, or None.
+    """
+    rules = dict(DEFAULT_RULES)
+    for key, value in overrides.items():
+        if key not in LOGICAL_AXES:
+            raise ValueError(f"mesh.rules.{key}: unknown logical axis; known: "
+                             f"{', '.join(LOGICAL_AXES)}")
+        names = [value] if isinstance(value, str) else value
+        if value is not None and (not isinstance(names, list | tuple)
+                                  or any(n not in MESH_AXES for n in names)):
+            raise ValueError(f"mesh.rules.{key}: expected a mesh axis of {MESH_AXES}, a list "
+                             f"of them, or null; got {value!r}")
+        rules[key] = value if value is None or isinstance(value, str) else tuple(value)
+    return rules
+
+
+# --------------------------------------------------------------------------- placing models
+def _variable_sharding(var: nnx.Variable, mesh: Mesh, rules: Mapping[str, MeshAxes]
+                       ) -> NamedSharding:
+    axes = getattr(var, "logical_axes", None)
+    if axes is None:
+        return NamedSharding(mesh, PartitionSpec())
+    return NamedSharding(mesh, logical_to_spec(axes, rules, mesh))
+
+
+def param_shardings(model_or_state: Any, mesh: Mesh,
+                    rules: Mapping[str, MeshAxes] | None = None) -> Any:
+    """NamedSharding of every variable, in the tree of ``nnx.state(model_or_state)``.
+
+    Shardings come from each variable's ``logical_axes`` metadata (optimizer moments inherit
+    their parameter's); variables without it (step counters) are replicated. A graph node
+    (module, ``nnx.Optimizer``) is turned into its state first; a state is used as given.
+    """
+    table = DEFAULT_RULES if rules is None else rules
+    state = model_or_state
+    if nnx.graph.is_graph_node(state):
+        state = nnx.state(state)
+    return jax.tree.map(lambda v: v.replace(_variable_sharding(v, mesh, table)), state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules: Mapping[str, MeshAxes] | None = None
+                ) -> nnx.Module:
+    """Place every variable of ``model`` on its sharding (in place; returns ``model``)."""
+    table = DEFAULT_RULES if rules is None else rules
+    for _, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Variable):
+            var.set_value(jax.device_put(var.get_value(), _variable_sharding(var, mesh, table)))
+    return model

@@ -56,7 +56,8 @@ class Linear(nnx.Module):
     """Bias-free projection, kernel ``[in, out]`` (HF ``weight`` transposed), optionally stacked.
 
     LoRA adapters, when attached (``basque_jax.model.lora``), live beside the kernel as
-    ``lora_a [in, r]`` and ``lora_b [r, out]`` and are added with ``lora_scale``.
+    ``lora_a [in, r]`` and ``lora_b [r, out]`` and are added as
+    ``B(A(dropout(x))) * lora_scale`` (peft's order); dropout runs only when a key is given.
     """
 
     def __init__(
@@ -78,15 +79,20 @@ class Linear(nnx.Module):
             logical_axes=(*lead_axes, *axes),
         )
         self.dtype = dtype
-        self.lora_a: nnx.Param | None = None
-        self.lora_b: nnx.Param | None = None
+        self.lora_a: nnx.Param | None = nnx.data(None)  # data slots: adapters attach later
+        self.lora_b: nnx.Param | None = nnx.data(None)
         self.lora_scale: float = 0.0
+        self.lora_dropout: float = 0.0
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
         x = x.astype(self.dtype)
         y = x @ self.kernel[...].astype(self.dtype)
         if self.lora_a is not None and self.lora_b is not None:
-            low = x @ self.lora_a[...].astype(self.dtype)
+            xa = x
+            if dropout_key is not None and self.lora_dropout > 0.0:
+                keep = jax.random.bernoulli(dropout_key, 1.0 - self.lora_dropout, x.shape)
+                xa = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(self.dtype)
+            low = xa @ self.lora_a[...].astype(self.dtype)
             y = y + (low @ self.lora_b[...].astype(self.dtype)) * jnp.asarray(
                 self.lora_scale, self.dtype
             )
@@ -127,11 +133,13 @@ class Attention(nnx.Module):
         self.head_dim = hd
         self.attention_impl = attention_impl
 
-    def __call__(self, x, cos, sin, mask: AttentionMask, cache_kv=None, write_start=None):
+    def __call__(self, x, cos, sin, mask: AttentionMask, cache_kv=None, write_start=None,
+                 dropout_key=None):
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        keys = _projection_keys(dropout_key, 4)
+        q = self.q_proj(x, keys[0]).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x, keys[1]).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x, keys[2]).reshape(b, t, self.num_kv_heads, self.head_dim)
         q = constrain(apply_rope(q, cos, sin), ("batch", "sequence", "act_heads", "head_dim"))
         k = constrain(apply_rope(k, cos, sin), ("batch", "sequence", "act_kv_heads", "head_dim"))
         v = constrain(v, ("batch", "sequence", "act_kv_heads", "head_dim"))
@@ -142,7 +150,7 @@ class Attention(nnx.Module):
             new_cache = (k, v)
         out = attention(q, k, v, mask, implementation=self.attention_impl)
         out = constrain(out, ("batch", "sequence", "act_heads", "head_dim"))
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), new_cache
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim), keys[3]), new_cache
 
 
 class MLP(nnx.Module):
@@ -156,9 +164,10 @@ class MLP(nnx.Module):
         self.up_proj = Linear(h, i, ("embed", "mlp"), **common)
         self.down_proj = Linear(i, h, ("mlp", "embed"), **common)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
-        return self.down_proj(constrain(hidden, ("batch", "sequence", "act_mlp")))
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        keys = _projection_keys(dropout_key, 3)
+        hidden = jax.nn.silu(self.gate_proj(x, keys[0])) * self.up_proj(x, keys[1])
+        return self.down_proj(constrain(hidden, ("batch", "sequence", "act_mlp")), keys[2])
 
 
 class DecoderLayer(nnx.Module):
@@ -173,11 +182,12 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, num_layers=num_layers, param_dtype=param_dtype, dtype=dtype,
                        rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, cache_kv=None, write_start=None):
+    def __call__(self, x, cos, sin, mask, cache_kv=None, write_start=None, dropout_key=None):
+        attn_key, mlp_key = _projection_keys(dropout_key, 2)
         attn, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv,
-                                         write_start)
+                                         write_start, attn_key)
         x = x + attn
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.mlp(self.post_attention_layernorm(x), mlp_key)
         return constrain(x, ("batch", "sequence", "act_embed")), new_cache
 
 
@@ -247,12 +257,17 @@ class Llama(nnx.Module):
         cache: KVCache | None = None,
         *,
         return_hidden: bool = False,
+        dropout_key: jax.Array | None = None,
+        inputs_embeds: jax.Array | None = None,
     ):
         """Logits ``[batch, seq, vocab]`` (and the updated cache when one is given).
 
         ``positions`` default to each token's slot (``arange`` without a cache); ``segment_ids``
         default to one document per row; 0 marks padding. With ``return_hidden`` the final
         normalised hidden states are returned instead of logits (for chunked losses).
+        ``dropout_key`` turns on LoRA dropout (training); it is split per layer and folded in per
+        projection, so the result is a pure function of the key. ``inputs_embeds`` replaces the
+        embedding lookup of ``input_ids`` (e.g. NEFTune-noised embeddings).
         """
         b, t = input_ids.shape
         seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
@@ -270,8 +285,9 @@ class Llama(nnx.Module):
         pos = slots if positions is None else positions.astype(jnp.int32)
         cos, sin = rope_tables(pos, inverse_frequencies(self.config))
 
-        x = constrain(self.embed_tokens(input_ids), ("batch", "sequence", "act_embed"))
-        x, new_kv = self._run_layers(x, cos, sin, mask, cache, write_start)
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        x = constrain(x.astype(self.dtype), ("batch", "sequence", "act_embed"))
+        x, new_kv = self._run_layers(x, cos, sin, mask, cache, write_start, dropout_key)
         x = self.norm(x)
         new_cache = None
         if cache is not None:
@@ -285,20 +301,22 @@ class Llama(nnx.Module):
         out = self.embed_tokens.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
         return constrain(out, ("batch", "sequence", "act_vocab"))
 
-    def _run_layers(self, x, cos, sin, mask, cache, write_start):
+    def _run_layers(self, x, cos, sin, mask, cache, write_start, dropout_key=None):
         graphdef, state = nnx.split(self.layers)
 
         def body(carry, xs):
-            layer_state, kv = xs
+            layer_state, kv, key = xs
             layer = nnx.merge(graphdef, layer_state)
-            y, new_kv = layer(carry, cos, sin, mask, kv, write_start)
+            y, new_kv = layer(carry, cos, sin, mask, kv, write_start, key)
             return y, new_kv
 
         policy = REMAT_POLICIES[self.remat]
         if self.remat != "none":
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
         kv_in = None if cache is None else (cache.k, cache.v)
-        return jax.lax.scan(body, x, (state, kv_in))
+        keys = None if dropout_key is None else jax.random.split(
+            dropout_key, self.config.num_hidden_layers)
+        return jax.lax.scan(body, x, (state, kv_in, keys))
 
     # ------------------------------------------------------------------ cache
     def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype | None = None) -> KVCache:
@@ -312,6 +330,11 @@ class Llama(nnx.Module):
             segment_ids=jnp.zeros((batch, max_len), jnp.int32),
             end=jnp.zeros((batch,), jnp.int32),
         )
+
+
+def _projection_keys(key: jax.Array | None, n: int) -> list[jax.Array | None]:
+    """``n`` independent keys folded from ``key`` (all None without one)."""
+    return [None] * n if key is None else [jax.random.fold_in(key, i) for i in range(n)]
 
 
 def _write_rows(buffer: jax.Array, update: jax.Array, start: jax.Array) -> jax.Array:
