@@ -13,6 +13,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.out)
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from basque_jax.config import ConfigError, load_config
+    from basque_jax.train.loop import TrainingDiverged, run_training
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"basque-jax train: config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = run_training(cfg)
+    except TrainingDiverged as e:
+        print(f"basque-jax train: {e}", file=sys.stderr)
+        return 3
+    shown = {k: round(v, 4) for k, v in result.items() if isinstance(v, float)}
+    print(f"[train] finished: {shown}")
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from basque_jax.model.config import LlamaConfig
 
@@ -31,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the end-to-end demo on an embedded tiny default")
     demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     demo.set_defaults(func=_cmd_demo)
+    train = sub.add_parser("train", help="train (LoRA or full fine-tuning) from a YAML config")
+    train.add_argument("config", help="YAML run config (see configs/)")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=10")
+    train.set_defaults(func=_cmd_train)
     info = sub.add_parser("info", help="print a model preset or HF config and its size")
     info.add_argument("model", help="preset name (e.g. llama3.1-8b) or HF folder / config.json")
     info.set_defaults(func=_cmd_info)

@@ -317,6 +317,12 @@ PRESETS: dict[str, LlamaConfig] = {
         tie_word_embeddings=True,
         bos_token_id=None, eos_token_id=None,
     ),
+    # The demo: fits the embedded sample's byte-level BPE (~1k entries + 256 Llama 3.1 specials).
+    "demo": LlamaConfig(
+        vocab_size=1280, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, rope_scaling=_LLAMA31_ROPE,
+        bos_token_id=None, eos_token_id=None,
+    ),
     # The shape benchmarks/ compare against transformers (hidden 512, 4 layers, vocab 32000).
     "bench": LlamaConfig(
         vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,

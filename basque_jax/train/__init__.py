@@ -1,0 +1,1 @@
+"""Training: optimizer, loss, train step, checkpoints, metrics and the loop."""

@@ -1,0 +1,85 @@
+"""Orbax checkpoints of a run: train state, data-iterator state, config and LoRA metadata.
+
+The train state is saved as a flat ``{key path: array}`` mapping so any pytree (nnx.State,
+optax states) round-trips; restoring takes target shardings from the *current* run's state, so
+a checkpoint written on one mesh restores onto another. Saves are asynchronous, keep the last K,
+and an interrupted save never shadows the last complete one (orbax commits atomically).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+def flatten_state(tree: Any) -> dict[str, Any]:
+    """``{jax.tree_util.keystr(path): leaf}`` for every leaf of ``tree``."""
+    return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def unflatten_state(like: Any, flat: dict[str, Any]) -> Any:
+    """Inverse of :func:`flatten_state` using ``like`` for the tree structure."""
+    paths, treedef = jax.tree_util.tree_flatten_with_path(like)
+    missing = [jax.tree_util.keystr(p) for p, _ in paths if jax.tree_util.keystr(p) not in flat]
+    if missing:
+        raise KeyError(f"checkpoint lacks {len(missing)} entries, e.g. {missing[:3]}")
+    return jax.tree_util.tree_unflatten(treedef, [flat[jax.tree_util.keystr(p)]
+                                                  for p, _ in paths])
+
+
+class Checkpointer:
+    """Save/restore a run under ``directory`` (``<dir>/<step>/{state,data,meta}``)."""
+
+    def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "data", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator | None,
+             meta: dict[str, Any], *, force: bool = False) -> bool:
+        items: dict[str, Any] = {
+            "state": ocp.args.StandardSave(flatten_state(state)),
+            "meta": ocp.args.JsonSave(meta),
+        }
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def restore(self, step: int, like_state: Any,
+                data_iterator: grain.DatasetIterator | None) -> tuple[Any, dict[str, Any]]:
+        """Restore ``step`` onto the shardings of ``like_state``; the iterator is set in place."""
+        targets = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+            flatten_state(like_state))
+        items: dict[str, Any] = {
+            "state": ocp.args.StandardRestore(targets),
+            "meta": ocp.args.JsonRestore(),
+        }
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return unflatten_state(like_state, restored["state"]), restored["meta"]
+
+    def read_meta(self, step: int | None = None) -> dict[str, Any]:
+        """The JSON metadata of ``step`` (default: latest)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{self.directory}: no checkpoint")
+        return self.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,184 @@
+"""`basque-jax train` end to end: configs, checkpoints, SIGKILL resume, mesh change, divergence."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from basque_jax.config import ConfigError, load_config
+from basque_jax.train.checkpoint import Checkpointer
+from basque_jax.train.loop import TrainingDiverged, run_training, setup_training
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "configs" / "demo.yaml"
+SHARED = REPO.parent / "shared" / "data"
+SMALL = ["model.preset=tiny-demo", "data.seq_len=128", "data.batch_size=8",
+         "train.progress_bar=false", "train.tensorboard=false", "eval_data=null",
+         "train.eval_every=0", "optim.lr=3e-3"]
+
+
+@pytest.fixture(autouse=True)
+def tiny_demo_preset(monkeypatch):
+    from basque_jax.model import config as model_config
+
+    tiny = model_config.LlamaConfig.preset("demo").replace(hidden_size=64, intermediate_size=128,
+                                                            num_hidden_layers=2)
+    monkeypatch.setitem(model_config.PRESETS, "tiny-demo", tiny)
+
+
+def _final_params(out_dir: Path) -> dict[str, np.ndarray]:
+    ckpt = Checkpointer(out_dir / "checkpoints", async_save=False)
+    step = ckpt.latest_step()
+    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))
+    ckpt.close()
+    return {k: np.asarray(v) for k, v in restored["state"].items()}
+
+
+# ------------------------------------------------------------------ config validation
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.stepz=3", r"config\.train\.stepz: unknown key"),
+        ("train.steps=ten", r"config\.train\.steps: expected int, got str 'ten'"),
+        ("train.steps=0", r"train\.steps: must be >= 1"),
+        ("optim.lr=-1", r"optim\.lr: must be > 0"),
+        ("optim.warmup_ratio=1.5", r"optim\.warmup_ratio: must be in \[0, 1\)"),
+        ("model.remat=sometimes", r"model\.remat: expected one of"),
+        ("model.init_from=/x", r"model: set exactly one of preset, init_from"),
+        ("lora.targets=[q_proj,qq_proj]", r"lora\.targets: unknown \['qq_proj'\]"),
+        ("lora.rank=0", r"lora\.rank: must be >= 1"),
+        ("train.micro_batches=3", r"train\.micro_batches: 3 does not divide data\.batch_size 8"),
+        ("mesh.rules={bogus: data}", r"mesh\.rules\.bogus: unknown logical axis"),
+        ("data.seq_len=1", r"seq_len must be >= 2"),
+        ("eval_data=null", r"train\.eval_every: set eval_data"),
+        ("nonsense", r"override 'nonsense': expected key=value"),
+    ],
+)
+def test_bad_configs_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(DEMO, [override])
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(bad)
+    child = tmp_path / "child.yaml"
+    child.write_text(f"base: {DEMO}\ntrain: {{steps: 7}}\n")
+    cfg = load_config(child)
+    assert cfg.train.steps == 7 and cfg.lora.enabled  # composed from the base
+
+
+def test_impossible_mesh_is_reported():
+    cfg = load_config(DEMO, [*SMALL, "mesh.data=3"])
+    with pytest.raises(ValueError, match="3"):
+        setup_training(cfg)
+
+
+# ------------------------------------------------------------------ runs
+def _train_cmd(out_dir: Path, *extra: str) -> list[str]:
+    # A subprocess does not see the monkeypatched preset: use the shipped demo size.
+    return [sys.executable, "-m", "basque_jax.cli", "train", str(DEMO), *SMALL,
+            "model.preset=demo", f"train.output_dir={out_dir}", *extra]
+
+
+def _env():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+@pytest.mark.slow
+def test_sigkill_and_restart_is_bitwise_identical(tmp_path):
+    args = ("train.steps=24", "train.save_every=4", "train.log_every=1", "data.worker_count=0")
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
+    subprocess.run(_train_cmd(ref_dir, *args), check=True, env=_env(), capture_output=True)
+
+    proc = subprocess.Popen(_train_cmd(run_dir, *args), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill once a checkpoint exists and training is mid-way
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 10:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(metrics.read_text().splitlines())
+    assert 4 <= done < 24, f"kill landed at step {done}"
+    result = subprocess.run(_train_cmd(run_dir, *args), env=_env(), capture_output=True,
+                            text=True, check=True)
+    assert "resumed from" in result.stdout
+    ref, resumed = _final_params(ref_dir), _final_params(run_dir)
+    assert sorted(ref) == sorted(resumed)
+    for k in ref:
+        np.testing.assert_array_equal(resumed[k], ref[k], err_msg=k)
+
+
+def test_checkpoint_restores_onto_another_mesh(tmp_path):
+    cfg = load_config(DEMO, [*SMALL, "train.steps=3", f"train.output_dir={tmp_path}"])
+    run_training(cfg)
+    saved = _final_params(tmp_path)
+    other = load_config(DEMO, [*SMALL, "train.steps=3", f"train.output_dir={tmp_path}",
+                               "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2",
+                               "lora.enabled=true"])
+    setup = setup_training(other)
+    ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False)
+    state, meta = ckpt.restore(ckpt.latest_step(), setup.state, None)
+    ckpt.close()
+    assert meta["step"] == 3 and meta["lora"]["rank"] == 16
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    for path, leaf in leaves:
+        np.testing.assert_array_equal(np.asarray(leaf), saved[jax.tree_util.keystr(path)])
+    kernel = state.params["layers"]["self_attn"]["q_proj"]["lora_b"]
+    kernel = getattr(kernel, "value", kernel)
+    assert kernel.sharding.mesh.shape == {"dcn": 1, "data": 1, "fsdp": 4, "tensor": 2}
+
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = load_config(DEMO, [*SMALL, "lora.enabled=false", "train.steps=40", "train.save_every=2",
+                             "train.log_every=1", "optim.lr=1e30", "optim.clip_norm=null",
+                             "optim.warmup_ratio=0.5", f"train.output_dir={tmp_path}"])
+    with pytest.raises(TrainingDiverged, match=r"loss is (nan|inf).*last good checkpoint"):
+        run_training(cfg)
+    steps = Checkpointer(tmp_path / "checkpoints", async_save=False).manager.all_steps()
+    assert steps, "no checkpoint kept"
+    for step in steps:
+        record = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
+                  if json.loads(x)["step"] == step]
+        assert record and np.isfinite(record[0]["loss"])
+
+
+@pytest.mark.skipif(not (SHARED / "eu" / "bhtc_news_train.jsonl").exists(),
+                    reason="../shared/data/eu (real Basque text) is absent")
+def test_heldout_loss_falls_on_real_basque_text(tmp_path):
+    cfg = load_config(DEMO, [
+        *[o for o in SMALL if not o.startswith(("eval_data", "train.eval_every"))],
+        f"data.sources=[{{kind: corpus, path: {SHARED}/eu/bhtc_news_train.jsonl}}]",
+        f"eval_data.sources=[{{kind: corpus, path: {SHARED}/eu/bhtc_news_val.jsonl}}]",
+        "eval_data.seq_len=128", "eval_data.batch_size=8", "train.eval_batches=4",
+        "lora.enabled=false", "train.steps=60", "train.eval_every=30", "train.log_every=30",
+        f"train.output_dir={tmp_path}", "optim.lr=3e-3",
+    ])
+    run_training(cfg)
+    evals = [json.loads(x)["eval_loss"] for x in (tmp_path / "metrics.jsonl").read_text()
+             .splitlines() if "eval_loss" in json.loads(x)]
+    assert len(evals) == 3  # step 0, 30, 60
+    assert evals[0] > 6.5  # ~ln(1272) for the random init
+    assert evals[-1] < evals[0] - 1.2, evals
+    assert evals[-1] < evals[1]
