@@ -184,3 +184,25 @@ def test_cross_entropy_matches_optax():
     nll, _ = masked_cross_entropy(logits, targets, mask)
     ref = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     np.testing.assert_allclose(float(nll), float(jnp.sum(ref * mask)), rtol=1e-6)
+
+
+def test_chunked_cross_entropy_equals_full_loss_and_gradient():
+    from basque_jax.train.step import chunked_cross_entropy
+
+    rng = np.random.default_rng(1)
+    hidden = jnp.asarray(rng.normal(size=(2, 32, 16)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(16, 50)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 50, (2, 32)), jnp.int32)
+    mask = jnp.asarray(rng.integers(0, 2, (2, 32)), jnp.float32)
+
+    def loss(w, chunk):
+        nll, z = chunked_cross_entropy(lambda h: h @ w, hidden, targets, mask, 1e-4, chunk)
+        return nll + z
+
+    full, g_full = jax.value_and_grad(loss)(w, 0)
+    part, g_part = jax.value_and_grad(loss)(w, 8)
+    np.testing.assert_allclose(part, full, rtol=1e-6)
+    np.testing.assert_allclose(g_part, g_full, rtol=1e-5, atol=1e-6)
+    ref = optax.softmax_cross_entropy_with_integer_labels(hidden @ w, targets)
+    lse = jax.nn.logsumexp(hidden @ w, axis=-1)
+    np.testing.assert_allclose(full, jnp.sum((ref + 1e-4 * lse**2) * mask), rtol=1e-5)

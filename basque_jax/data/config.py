@@ -13,13 +13,13 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from basque_jax.errors import ConfigError
+
 SourceKind = Literal["corpus", "chat", "instruction"]
 FileFormat = Literal["auto", "jsonl", "json", "parquet", "text", "array_record"]
 TextUnit = Literal["line", "paragraph", "file"]
 
 
-class ConfigError(ValueError):
-    """A configuration value is unknown, mistyped or invalid; the message names the key."""
 
 
 @dataclass

@@ -70,17 +70,23 @@ def attention(
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask) -> jax.Array:
-    """Reference implementation: logits and softmax in float32, GQA by reshaping query heads."""
+    """Reference implementation: logits and softmax in float32, GQA by grouping query heads.
+
+    Laid out as batched matmuls ``[b, kv_heads, group * q_len, d] @ [b, kv_heads, d, kv_len]``,
+    which XLA's CPU and GPU backends run markedly faster than the 5-d einsum.
+    """
     b, t, h, d = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
-    scale = d**-0.5
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    dense = mask.dense()[:, None, None, :, :]
-    logits = jnp.where(dense, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, d)
+    kv_heads, s = k.shape[2], k.shape[1]
+    g = h // kv_heads
+    qh = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, d)
+    kh = k.transpose(0, 2, 3, 1)  # [b, kv, d, s]
+    vh = v.transpose(0, 2, 1, 3)  # [b, kv, s, d]
+    logits = jnp.matmul(qh, kh, preferred_element_type=jnp.float32) * (d**-0.5)
+    logits = logits.reshape(b, kv_heads, g, t, s)
+    logits = jnp.where(mask.dense()[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kv_heads, g * t, s)
+    out = jnp.matmul(probs, vh).reshape(b, kv_heads, g, t, d)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 def splash_attention(
@@ -89,21 +95,57 @@ def splash_attention(
     """Pallas splash attention (causal + segment ids), vmapped over the batch.
 
     Assumes slots are ``0..len-1`` in every row (training and prefill from an empty cache).
+    Inside :func:`basque_jax.sharding.use_sharding` the kernel runs per shard under
+    ``shard_map`` (a Pallas call cannot be partitioned by the compiler): rows split over the
+    batch axes, heads over the tensor axis; the sequence must not be sharded.
     """
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as sk,
     )
 
+    from basque_jax.sharding import current_sharding
+
     b, t, h, d = q.shape
     block = _splash_block(t)
-    kernel = _splash_kernel(t, h, block, interpret)
     scale = d**-0.5
     qh = jnp.swapaxes(q * jnp.asarray(scale, q.dtype), 1, 2)  # [b, h, t, d]
     kh = jnp.swapaxes(k, 1, 2)
     vh = jnp.swapaxes(v, 1, 2)
-    seg = sk.SegmentIds(q=mask.q_segments, kv=mask.kv_segments)
-    out = jax.vmap(kernel)(qh, kh, vh, segment_ids=seg)
+    ctx = current_sharding()
+    if ctx is None:
+        kernel = _splash_kernel(t, h, block, interpret)
+        seg = sk.SegmentIds(q=mask.q_segments, kv=mask.kv_segments)
+        return jnp.swapaxes(jax.vmap(kernel)(qh, kh, vh, segment_ids=seg), 1, 2)
+
+    q_spec = ctx.spec(("batch", "act_heads", "sequence", "head_dim"))
+    kv_spec = ctx.spec(("batch", "act_kv_heads", "sequence", "head_dim"))
+    seg_spec = ctx.spec(("batch", "sequence"))
+    if q_spec[2] is not None or q_spec[3] is not None:
+        raise ValueError(f"splash attention cannot shard the sequence or head_dim axes "
+                         f"(spec {q_spec}); map logical axes 'sequence'/'head_dim' to None")
+    head_shards = _spec_size(ctx.mesh, q_spec[1])
+    if h % head_shards or k.shape[2] % _spec_size(ctx.mesh, kv_spec[1]):
+        raise ValueError(f"{h} query / {k.shape[2]} KV heads do not split over "
+                         f"{head_shards} tensor shards")
+    kernel = _splash_kernel(t, h // head_shards, block, interpret)
+
+    def local(qh, kh, vh, q_seg, kv_seg):
+        seg = sk.SegmentIds(q=q_seg, kv=kv_seg)
+        return jax.vmap(kernel)(qh, kh, vh, segment_ids=seg)
+
+    out = jax.shard_map(local, mesh=ctx.mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec,
+                                                        seg_spec),
+                        out_specs=q_spec, check_vma=False)(qh, kh, vh, mask.q_segments,
+                                                           mask.kv_segments)
     return jnp.swapaxes(out, 1, 2)
+
+
+def _spec_size(mesh, entry) -> int:
+    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    size = 1
+    for n in names:
+        size *= mesh.shape[n]
+    return size
 
 
 def _splash_block(seq_len: int) -> int:

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from basque_jax.errors import ConfigError
+
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot describe a valid Llama model."""
 
 
 @dataclass(frozen=True)
