@@ -13,7 +13,7 @@ time into size-limited shards plus ``model.safetensors.index.json``.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
 from basque_jax.model.config import LlamaConfig
@@ -226,40 +227,61 @@ def load_pretrained(
 
 
 # --------------------------------------------------------------------------- writing
-def save_pretrained(
-    model: Llama,
-    path: str | Path,
-    *,
-    dtype: jnp.dtype | str | None = None,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-) -> list[Path]:
-    """Write ``model`` as a Hugging Face folder; returns the safetensors files written.
+Fetch = Callable[[TensorEntry, int | None], np.ndarray]
+"""``fetch(entry, layer)``: one parameter (``layer`` None) or one layer of a stacked parameter,
+as a host array in OUR layout (kernels ``[in, out]``); the writer transposes and casts."""
+Transform = Callable[[TensorEntry, int | None, np.ndarray], np.ndarray]
 
-    Tensors are fetched one layer at a time (host memory ≈ the largest single tensor).
-    ``dtype`` defaults to the parameters' dtype.
+
+def param_shapes(config: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Our shape of every parameter of ``config``'s model (abstract: nothing is allocated)."""
+    model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+    return {p: tuple(v.value.shape) for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)}
+
+
+def write_pretrained(
+    config: LlamaConfig,
+    path: str | Path,
+    fetch: Fetch,
+    *,
+    dtype: jnp.dtype | str,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    write: bool = True,
+) -> list[Path]:
+    """Write a Hugging Face folder from ``fetch``, one tensor at a time; returns the files.
+
+    Writes size-limited safetensors shards (+ ``model.safetensors.index.json`` when there are
+    several) and ``config.json``. Host memory ≈ the largest single tensor ``fetch`` returns.
+    With ``write=False`` every tensor is still fetched in the same order (so collective fetches
+    stay in step across processes) but nothing is written.
     """
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = model.config
-    params = {p: v for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)}
+    out_dtype = np.dtype(dtype)
+    shapes = param_shapes(config)
     entries = key_map(config)
-    out_dtype = np.dtype(dtype) if dtype is not None else np.dtype(
-        params[entries[0].path].value.dtype)
     where: dict[str, tuple[TensorEntry, int | None]] = {}
     specs: list[tuple[str, tuple[int, ...], np.dtype]] = []
     for e in entries:
-        shape = _hf_shape(e, tuple(params[e.path].value.shape))
+        shape = _hf_shape(e, shapes[e.path])
         for layer, key in enumerate(e.hf_keys):
             where[key] = (e, layer if e.stacked else None)
             specs.append((key, shape, out_dtype))
-    shards = _split_shards(specs, max_shard_bytes)
 
     def produce(key: str) -> np.ndarray:
         e, layer = where[key]
-        value = params[e.path].value
-        tensor = np.asarray(jax.device_get(value if layer is None else value[layer]))
+        tensor = np.asarray(fetch(e, layer))
+        want = shapes[e.path][1:] if e.stacked else shapes[e.path]
+        if tensor.shape != want:
+            raise CheckpointError(f"{key}: source tensor has shape {tensor.shape}, config "
+                                  f"implies {want}")
         return np.asarray(tensor.T if e.transpose else tensor, dtype=out_dtype)
 
+    if not write:
+        for key, _, _ in specs:
+            produce(key)
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = _split_shards(specs, max_shard_bytes)
     written = []
     names = ["model.safetensors"] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
@@ -277,6 +299,75 @@ def save_pretrained(
         index.unlink()
     config.save_hf(folder, torch_dtype=_torch_dtype_name(out_dtype))
     return written
+
+
+def model_fetch(model: Llama) -> Fetch:
+    """A :data:`Fetch` over a placed model: each layer is sliced on device and copied to host.
+
+    Arrays that are not fully addressable (multi-host) are gathered with
+    ``process_allgather``: every process must then fetch the same tensors in the same order.
+    """
+    params = {p: v for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)}
+
+    def fetch(e: TensorEntry, layer: int | None) -> np.ndarray:
+        value = params[e.path].value
+        part = value if layer is None else value[layer]
+        if isinstance(part, jax.Array) and not part.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(part, tiled=True))
+        return np.asarray(jax.device_get(part))
+
+    return fetch
+
+
+def folder_fetch(path: str | Path) -> tuple[LlamaConfig, Fetch]:
+    """The config and a :data:`Fetch` streaming a Hugging Face folder's tensors.
+
+    Names and shapes are validated up front. Tensors are read (not memory-mapped), one per call,
+    so resident memory stays at about one tensor whatever the checkpoint size.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: model folder does not exist")
+    config = LlamaConfig.from_hf_file(folder)
+    ckpt = _Checkpoint(folder)
+    entries = key_map(config)
+    _validate_names(ckpt, entries, config.tie_word_embeddings)
+    _validate_shapes(ckpt, entries, param_shapes(config))
+
+    def fetch(e: TensorEntry, layer: int | None) -> np.ndarray:
+        key = e.hf_keys[0 if layer is None else layer]
+        tensor = ckpt.files[key].read(key)
+        return tensor.T if e.transpose else tensor
+
+    return config, fetch
+
+
+def save_pretrained(
+    model: Llama,
+    path: str | Path,
+    *,
+    dtype: jnp.dtype | str | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    transform: Transform | None = None,
+) -> list[Path]:
+    """Write ``model`` as a Hugging Face folder; returns the safetensors files written.
+
+    Tensors are fetched one layer at a time (host memory ≈ the largest single tensor).
+    ``dtype`` defaults to the parameters' dtype. ``transform(entry, layer, tensor)`` may
+    rewrite each host tensor (our layout) before it is cast and written, e.g. to fold LoRA
+    adapters in per layer. Multi-host: every process must call this; process 0 writes.
+    """
+    params = {p: v for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)}
+    out_dtype = np.dtype(dtype) if dtype is not None else np.dtype(
+        params[("embed_tokens", "embedding")].value.dtype)
+    base = model_fetch(model)
+
+    def fetch(e: TensorEntry, layer: int | None) -> np.ndarray:
+        tensor = base(e, layer)
+        return tensor if transform is None else transform(e, layer, tensor)
+
+    return write_pretrained(model.config, path, fetch, dtype=out_dtype,
+                            max_shard_bytes=max_shard_bytes, write=jax.process_index() == 0)
 
 
 def _split_shards(specs, max_bytes: int) -> list[list]:

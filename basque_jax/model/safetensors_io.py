@@ -86,6 +86,23 @@ class SafetensorsFile:
         raw = self._mmap[self._data_start + begin : self._data_start + end]
         return raw.view(self.dtype(key)).reshape(self.shape(key))
 
+    def read(self, key: str) -> np.ndarray:
+        """A fresh, writable copy of tensor ``key`` read with plain file reads.
+
+        Unlike :meth:`get`, no mapping outlives the call, so streaming a large file tensor by
+        tensor keeps the resident set at about one tensor.
+        """
+        entry = self._entries[key]
+        begin, end = entry["data_offsets"]
+        buf = bytearray(end - begin)
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + begin)
+            got = f.readinto(buf)
+        if got != len(buf):
+            raise SafetensorsError(f"{self.path}: tensor {key!r} is truncated ({got} of "
+                                   f"{len(buf)} bytes)")
+        return np.frombuffer(buf, dtype=self.dtype(key)).reshape(self.shape(key))
+
 
 def write_safetensors(
     path: str | Path,

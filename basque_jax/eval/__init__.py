@@ -1,0 +1,1 @@
+"""Evaluation: held-out perplexity and multiple-choice accuracy by log-likelihood."""

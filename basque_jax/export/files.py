@@ -1,0 +1,132 @@
+"""The files around the weights of an export, and writing OUT_DIR all-or-nothing.
+
+* :func:`staged_dir` builds the export in a hidden sibling directory and renames it into place
+  only once everything is written: an interrupted export never leaves a folder that looks
+  complete (a leftover ``.NAME.partial-*`` is plainly unfinished).
+* :func:`generation_config` writes the backbone's ``generation_config.json`` and, for an
+  instructed Llama 3.1 backbone, makes sure every turn-ending token stops generation.
+* :func:`copy_tokenizer` copies the backbone's tokenizer files (or saves the run's tokenizer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from basque_jax.model.config import LlamaConfig
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "chat_template.jinja")
+# <|end_of_text|>, <|eom_id|>, <|eot_id|>: Meta's generation_config.json of Llama 3.1 Instruct.
+LLAMA31_INSTRUCT_STOP_IDS = [128001, 128008, 128009]
+# Meta's sampling defaults for Llama 3.1 Instruct (used when the backbone ships none).
+LLAMA31_INSTRUCT_SAMPLING = {"do_sample": True, "temperature": 0.6, "top_p": 0.9}
+
+
+class ExportError(ValueError):
+    """An export that cannot be done as asked (the message says why and what to do)."""
+
+
+def check_out_dir(out: Path, overwrite: bool, sources: list[Path]) -> None:
+    """Refuse a non-empty OUT_DIR without ``overwrite``, and any OUT_DIR whose replacement
+    would delete one of ``sources``."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: OUT_DIR exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"{out}: OUT_DIR is not empty; pass --overwrite to replace it")
+    target = out.resolve()
+    for src in sources:
+        resolved = src.resolve()
+        if resolved == target or target in resolved.parents:
+            raise ExportError(f"{out}: OUT_DIR would replace the source {src}; choose another")
+
+
+@contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """Yield a fresh hidden directory next to ``out``; on success it replaces ``out``.
+
+    On any error the staging directory is removed and ``out`` is left untouched.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        out.replace(old)
+    tmp.replace(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def is_instructed(generation: dict[str, Any], name: str) -> bool:
+    """An instructed backbone: its generation config stops on ``<|eot_id|>`` (128009), or its
+    name says ``Instruct`` (e.g. ``Llama-3.1-8B-Instruct``)."""
+    eos = generation.get("eos_token_id")
+    eos = eos if isinstance(eos, list) else [eos]
+    return 128009 in eos or "instruct" in name.lower()
+
+
+def generation_config(config: LlamaConfig, backbone: Path | None, name: str) -> dict[str, Any]:
+    """The backbone's ``generation_config.json`` (or one from ``config``), with the Llama 3.1
+    Instruct stop ids when the backbone is instructed."""
+    path = None if backbone is None else backbone / "generation_config.json"
+    if path is not None and path.is_file():
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ExportError(f"{path}: invalid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ExportError(f"{path}: expected a JSON object")
+    else:
+        d = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+        d = {k: v for k, v in d.items() if v is not None}
+    if is_instructed(d, name):
+        if not (path is not None and path.is_file()):
+            d.update(LLAMA31_INSTRUCT_SAMPLING)
+        eos = d.get("eos_token_id")
+        eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
+        d["eos_token_id"] = LLAMA31_INSTRUCT_STOP_IDS + [e for e in eos
+                                                         if e not in LLAMA31_INSTRUCT_STOP_IDS]
+    return d
+
+
+def write_generation_config(folder: Path, config: LlamaConfig, backbone: Path | None,
+                            name: str) -> Path:
+    path = folder / "generation_config.json"
+    path.write_text(json.dumps(generation_config(config, backbone, name), indent=2) + "\n")
+    return path
+
+
+def copy_tokenizer(folder: Path, backbone: Path | None, fallback: str | None = None) -> list[str]:
+    """Copy the backbone's tokenizer files into ``folder``; without any, save the tokenizer
+    ``fallback`` names (a run's ``data.tokenizer``) as a Hugging Face tokenizer. Returns the
+    file names written."""
+    for src in (backbone, Path(fallback) if fallback and fallback != "demo" else None):
+        if src is None or not src.is_dir():
+            continue
+        copied = [n for n in TOKENIZER_FILES if (src / n).is_file()]
+        for name in copied:
+            shutil.copy2(src / name, folder / name)
+        if copied:
+            return copied
+    if not fallback:
+        return []
+    from basque_jax.data.tokenizer import load_tokenizer
+
+    before = set(os.listdir(folder))
+    load_tokenizer(fallback).save(folder)
+    return sorted(set(os.listdir(folder)) - before)
