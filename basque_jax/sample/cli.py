@@ -1,0 +1,94 @@
+"""``basque-jax generate | translate CONFIG.yaml [key=value ...]`` and
+``basque-jax filter IN [IN ...] OUT [--config F.yaml] [key=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+def add_sample_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register the generate, translate and filter sub-commands."""
+    from basque_jax.distributed import add_arguments as add_distributed_arguments
+
+    gen = sub.add_parser("generate", help="Magpie: synthesize instruction/response pairs with "
+                         "the instruct model (resumable JSONL shards)")
+    gen.add_argument("config", help="YAML generate config (see configs/magpie_eu.yaml)")
+    gen.add_argument("overrides", nargs="*", help="key=value overrides, e.g. num_samples=100")
+    gen.set_defaults(func=_cmd_generate)
+    add_distributed_arguments(gen)
+    tr = sub.add_parser("translate", help="translate a chat data set into Basque turn by turn "
+                        "(resumable JSONL shards)")
+    tr.add_argument("config", help="YAML translate config (see configs/translate_eu.yaml)")
+    tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. num_records=10")
+    tr.set_defaults(func=_cmd_translate)
+    add_distributed_arguments(tr)
+    flt = sub.add_parser("filter", help="length, repetition, language, translation-task and "
+                         "(near-)duplicate filters over JSONL conversations, with a report")
+    flt.add_argument("paths", nargs="+", metavar="PATH",
+                     help="input JSONL files / globs / shard folders, then the OUTPUT file, "
+                     "then optional key=value filter settings (e.g. language=null)")
+    flt.add_argument("--config", default=None, help="YAML with filter settings (FilterConfig)")
+    flt.add_argument("--set", dest="overrides", action="append", default=[],
+                     metavar="KEY=VALUE", help="override a filter setting, e.g. language=null")
+    flt.add_argument("--report", default=None, help="report path (default OUTPUT.report.json)")
+    flt.set_defaults(func=_cmd_filter)
+
+
+def _config_error(command: str, e: Exception) -> int:
+    print(f"basque-jax {command}: {e}", file=sys.stderr)
+    return 2
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from basque_jax.data.config import ConfigError
+    from basque_jax.sample.config import load_generate_config
+    from basque_jax.sample.magpie import run_generate
+
+    try:
+        cfg = load_generate_config(args.config, args.overrides)
+        result = run_generate(cfg)
+    except (ConfigError, FileNotFoundError) as e:
+        return _config_error("generate", e)
+    print(f"[generate] done: {json.dumps(result)}")
+    return 0
+
+
+def _cmd_translate(args: argparse.Namespace) -> int:
+    from basque_jax.data.config import ConfigError
+    from basque_jax.sample.config import load_translate_config
+    from basque_jax.sample.translate import run_translate
+
+    try:
+        cfg = load_translate_config(args.config, args.overrides)
+        result = run_translate(cfg)
+    except (ConfigError, FileNotFoundError) as e:
+        return _config_error("translate", e)
+    print(f"[translate] done: {json.dumps(result)}")
+    return 0
+
+
+def _cmd_filter(args: argparse.Namespace) -> int:
+    from basque_jax.config import apply_overrides, read_yaml
+    from basque_jax.data.config import ConfigError
+    from basque_jax.sample.filters import FilterConfig, filter_files
+
+    paths = [p for p in args.paths if not _OVERRIDE.match(p)]
+    overrides = [p for p in args.paths if _OVERRIDE.match(p)] + args.overrides
+    if len(paths) < 2:
+        print("basque-jax filter: give at least one input and the output path", file=sys.stderr)
+        return 2
+    *inputs, output = paths
+    try:
+        d = read_yaml(args.config) if args.config else {}
+        d = d.get("filters", d)
+        cfg = FilterConfig.from_dict(apply_overrides(d, overrides))
+        report = filter_files(inputs, output, cfg, args.report)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        return _config_error("filter", e)
+    print(json.dumps({k: report[k] for k in ("input", "kept", "removed")}))
+    return 0

@@ -1,0 +1,199 @@
+"""The sampler's forward pass: the model's own modules, laid out for decoding.
+
+``Llama.__call__`` scans over stacked layer weights and a stacked ``[layers, batch, len, kv,
+d]`` cache -- right for training, but on a one-token step XLA then copies every layer's weight
+slice and the whole cache each step (measured: most of a CPU decode step). Here the same modules
+(embedding, RMSNorms, the q/k/v/o and MLP projections with their LoRA adapters, rotary tables,
+the output head) run over a Python list of per-layer parameter states, against a cache held
+per layer (keys ``[batch, kv, head_dim, len]``, values ``[batch, kv, len, head_dim]``) so each
+step writes one slot in place and both attention matmuls read the cache without transposing it.
+
+Semantics are the model's: new tokens are written at each row's ``end`` slot with their segment
+ids; a query attends to filled slots (same non-zero segment id) at or before its own slot;
+``end`` advances by the number of non-padding tokens. Per-layer weights come either from a
+one-off copy (:func:`unstack_layers`, fastest on CPU) or from static slices of the stacked
+weights inside the compiled program (no extra memory).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from basque_jax.model.config import LlamaConfig
+from basque_jax.model.llama import Llama
+from basque_jax.model.rope import apply_rope, inverse_frequencies, rope_tables
+from basque_jax.sharding import constrain
+
+
+class SlotCache(NamedTuple):
+    """Per-layer keys ``[batch, kv_heads, head_dim, max_len]`` (stored transposed) and values
+    ``[batch, kv_heads, max_len, head_dim]``, filled-slot segment ids ``[batch, max_len]``
+    (0 = empty) and each row's next free slot ``end [batch]``."""
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    segment_ids: jax.Array
+    end: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.segment_ids.shape[1]
+
+
+def init_slot_cache(config: LlamaConfig, batch: int, max_len: int, dtype: Any) -> SlotCache:
+    """An empty cache (call inside ``jax.jit`` with output shardings to place it)."""
+    kv, d = config.num_key_value_heads, config.resolved_head_dim
+    layers = range(config.num_hidden_layers)
+    return SlotCache(tuple(jnp.zeros((batch, kv, d, max_len), dtype) for _ in layers),
+                     tuple(jnp.zeros((batch, kv, max_len, d), dtype) for _ in layers),
+                     jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((batch,), jnp.int32))
+
+
+CACHE_K_AXES = ("batch", "act_kv_heads", "head_dim", "cache_sequence")
+CACHE_V_AXES = ("batch", "act_kv_heads", "cache_sequence", "head_dim")
+
+
+class Fused(NamedTuple):
+    """One layer's input projections as single matmuls: ``[q|k|v]`` and ``[gate|up]``."""
+
+    qkv: jax.Array
+    gate_up: jax.Array
+
+
+def slice_layers(stacked: nnx.State, n: int) -> list[nnx.State]:
+    """Per-layer states by static slicing (inside a compiled program: no persistent copy)."""
+    return [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)]
+
+
+def fuse_layer(layer: nnx.Module) -> Fused:
+    """Concatenated q/k/v and gate/up kernels of one (unstacked, adapter-free) layer."""
+    a, m = layer.self_attn, layer.mlp
+    return Fused(jnp.concatenate([a.q_proj.kernel[...], a.k_proj.kernel[...],
+                                  a.v_proj.kernel[...]], axis=-1),
+                 jnp.concatenate([m.gate_proj.kernel[...], m.up_proj.kernel[...]], axis=-1))
+
+
+def unstack_layers(graphdef: nnx.GraphDef, stacked: nnx.State, n: int, *, fuse: bool
+                   ) -> tuple[list[nnx.State], list[Fused] | None]:
+    """Per-layer copies of the stacked layer weights (each keeping its sharding minus the
+    leading ``layers`` axis), and with ``fuse`` the fused projections too; one compiled copy
+    that costs the layers' memory once more (twice with ``fuse``)."""
+
+    def drop_lead(x: jax.Array) -> Any:
+        s = getattr(x, "sharding", None)
+        if isinstance(s, NamedSharding):
+            return NamedSharding(s.mesh, PartitionSpec(*tuple(s.spec)[1:]))
+        return s
+
+    def split(stacked: nnx.State):
+        layers = slice_layers(stacked, n)
+        fused = [fuse_layer(nnx.merge(graphdef, s)) for s in layers] if fuse else None
+        return layers, fused
+
+    shardings = [jax.tree.map(drop_lead, stacked) for _ in range(n)]
+    if any(s is None for s in jax.tree.leaves(shardings[0], is_leaf=lambda v: v is None)):
+        return jax.jit(split)(stacked)
+    fused_sh = [Fused(None, None)] * n if fuse else None  # type: ignore[arg-type]
+    return jax.jit(split, out_shardings=(shardings, fused_sh))(stacked)
+
+
+def _write(buffer: jax.Array, update: jax.Array, start: jax.Array, axis: int) -> jax.Array:
+    """Write ``update`` into ``buffer`` along ``axis`` (of each row) at per-row ``start``."""
+
+    def one(buf, upd, s):
+        index = [0] * buf.ndim
+        index[axis - 1] = s
+        return jax.lax.dynamic_update_slice(buf, upd, tuple(index))
+
+    return jax.vmap(one)(buffer, update, start)
+
+
+def _matmul(x: jax.Array, kernel: jax.Array, dtype: Any) -> jax.Array:
+    """``Linear``'s base product: both operands in the compute dtype."""
+    return x.astype(dtype) @ kernel.astype(dtype)
+
+
+def _mlp(mlp: nnx.Module, x: jax.Array, fused: Fused | None, dtype: Any) -> jax.Array:
+    """The layer's SwiGLU MLP, with gate and up in one matmul when ``fused`` is given."""
+    if fused is None:
+        return mlp(x)
+    gate, up = jnp.split(_matmul(x, fused.gate_up, dtype), 2, axis=-1)
+    return mlp.down_proj(constrain(jax.nn.silu(gate) * up, ("batch", "sequence", "act_mlp")))
+
+
+def attend(q: jax.Array, k_t: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
+    """GQA attention of ``q [b, t, heads, d]`` over one cache layer, keys transposed
+    ``k_t [b, kv, d, s]`` and values ``v [b, kv, s, d]``; ``allowed [b, t, s]``.
+
+    Both contractions are plain batched matmuls over ``(b, kv)`` with the cache in its stored
+    layout (no per-step transpose of the cache). Logits and softmax in float32.
+    """
+    b, t, h, d = q.shape
+    kv, s = k_t.shape[1], k_t.shape[3]
+    g = h // kv
+    q = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
+    logits = jnp.matmul(q, k_t, preferred_element_type=jnp.float32).reshape(b, kv, g, t, s)
+    logits = jnp.where(allowed[:, None, None], logits * d**-0.5, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kv, g * t, s)
+    out = jnp.matmul(probs, v).reshape(b, kv, g, t, d)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
+def forward(model: Llama, layers: Sequence[nnx.Module], tokens: jax.Array,
+            positions: jax.Array, segment_ids: jax.Array, cache: SlotCache,
+            fused: Sequence[Fused] | None = None) -> tuple[jax.Array, SlotCache]:
+    """Final normalised hidden states ``[b, t, hidden]`` of ``tokens`` and the updated cache.
+
+    ``layers``: one ``DecoderLayer`` per layer (unstacked weights); ``fused``: their fused
+    projections (adapter-free layers only), used instead of the separate q/k/v and gate/up
+    matmuls. Apply ``model.logits`` to the positions you need (the sampler only needs each
+    row's last one).
+    """
+    cfg = model.config
+    b, t = tokens.shape
+    start = cache.end
+    slots = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    seg = segment_ids.astype(jnp.int32)
+    kv_seg = _write(cache.segment_ids, seg, start, 1)
+    kv_slots = jnp.arange(cache.max_len, dtype=jnp.int32)
+    allowed = ((kv_slots[None, None, :] <= slots[:, :, None])
+               & (kv_seg[:, None, :] == seg[:, :, None])
+               & ((kv_seg[:, None, :] != 0) | (seg[:, :, None] == 0)))
+    cos, sin = rope_tables(positions.astype(jnp.int32), inverse_frequencies(cfg))
+    hd, nh, nkv = cfg.resolved_head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+
+    x = constrain(model.embed_tokens(tokens).astype(model.dtype), ("batch", "sequence",
+                                                                    "act_embed"))
+    new_k, new_v = [], []
+    fused = [None] * len(layers) if fused is None else fused
+    for layer, f, k_cache, v_cache in zip(layers, fused, cache.k, cache.v, strict=True):
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        if f is None:
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        else:
+            q, k, v = jnp.split(_matmul(h, f.qkv, model.dtype), [nh * hd, (nh + nkv) * hd],
+                                axis=-1)
+        q = apply_rope(q.reshape(b, t, nh, hd), cos, sin)
+        k = apply_rope(k.reshape(b, t, nkv, hd), cos, sin)
+        v = v.reshape(b, t, nkv, hd)
+        q = constrain(q, ("batch", "sequence", "act_heads", "head_dim"))
+        k_cache = _write(k_cache, k.transpose(0, 2, 3, 1).astype(k_cache.dtype), start, 3)
+        v_cache = _write(v_cache, jnp.swapaxes(v, 1, 2).astype(v_cache.dtype), start, 2)
+        k_cache = constrain(k_cache, CACHE_K_AXES)
+        v_cache = constrain(v_cache, CACHE_V_AXES)
+        out = attend(q, k_cache, v_cache, allowed)
+        out = constrain(out, ("batch", "sequence", "act_heads", "head_dim"))
+        x = x + attn.o_proj(out.reshape(b, t, nh * hd))
+        x = x + _mlp(layer.mlp, layer.post_attention_layernorm(x), f, model.dtype)
+        x = constrain(x, ("batch", "sequence", "act_embed"))
+        new_k.append(k_cache)
+        new_v.append(v_cache)
+    end = start + jnp.sum(seg != 0, axis=-1, dtype=jnp.int32)
+    return model.norm(x), SlotCache(tuple(new_k), tuple(new_v), kv_seg, end)

@@ -1,0 +1,410 @@
+"""Batched KV-cache sampling with continuous batching, compiled end to end.
+
+A :class:`Sampler` owns ``batch_size`` row slots over one preallocated KV cache
+(``Llama.init_cache``). Three compiled programs move a :class:`DecodeState` (cache + per-row
+bookkeeping), which is donated to each of them so the cache is updated in place:
+
+* ``prefill_all`` -- every slot free: one batched prefill of up to ``batch_size`` prompts
+  (right-padded with segment id 0 to a power-of-two bucket, explicit positions) and the first
+  sampled token of each;
+* ``insert`` -- one slot freed while others run: prefill one prompt into that row of the cache
+  (its old contents masked by resetting its segment ids);
+* ``decode`` -- up to ``steps`` one-token steps in a ``jax.lax.while_loop`` (no Python per
+  token): forward with the cache, select tokens, record them, finish rows on a stop id or their
+  token budget; it exits early when every row is done.
+
+:meth:`Sampler.stream` is the host loop: refill finished rows with waiting requests, run a
+chunk of decode steps, hand back finished completions. Shapes never change, so nothing
+recompiles as requests come and go (only a new prompt-length bucket or sampling mode compiles
+once). Each row samples from its own key (request seed, token counter), so a request's output
+does not depend on which other requests share its batch.
+
+On a mesh (``mesh=``) rows are split over the batch axes and weights stay where training put
+them (tensor-parallel heads, FSDP); the model's activation constraints apply as in training.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from basque_jax.model.llama import Llama
+from basque_jax.model.lora import has_lora
+from basque_jax.sample.forward import (
+    CACHE_K_AXES,
+    CACHE_V_AXES,
+    SlotCache,
+    forward,
+    init_slot_cache,
+    slice_layers,
+    unstack_layers,
+)
+from basque_jax.sample.sampling import (
+    RowParams,
+    SamplingParams,
+    SortMode,
+    row_keys,
+    select_tokens,
+    sort_mode,
+)
+from basque_jax.sharding import DEFAULT_RULES, MeshAxes, ShardingContext, use_sharding
+
+MIN_BUCKET = 16
+
+
+class Request(NamedTuple):
+    """One prompt to complete: token ids, how to sample, the seed of its key, a caller tag."""
+
+    prompt: Sequence[int]
+    params: SamplingParams
+    seed: int = 0
+    tag: Any = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """Generated ids (the stop id removed unless ``include_stop``), why the row ended
+    (``"stop"`` or ``"length"``) and the stop id that ended it."""
+
+    tokens: list[int]
+    finish_reason: str
+    stop_id: int | None = None
+
+
+class DecodeState(NamedTuple):
+    """Everything the compiled programs carry, ``[batch, ...]`` per row besides the cache."""
+
+    cache: SlotCache
+    last: jax.Array  # next token to feed
+    done: jax.Array  # row finished (or empty)
+    n_out: jax.Array  # tokens generated so far
+    out: jax.Array  # [batch, out_len] generated ids
+    seeds: jax.Array  # uint32 request seeds
+    params: RowParams
+    max_new: jax.Array
+    stops: jax.Array  # [batch, max_stop_ids], -1 padded
+
+
+class PromptTooLong(ValueError):
+    """A prompt plus its token budget does not fit the cache."""
+
+
+def bucket(n: int, cap: int) -> int:
+    """The padded length for an ``n``-token prompt: a power of two >= ``MIN_BUCKET``, <= cap."""
+    return min(cap, max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length()))
+
+
+class Sampler:
+    """Generates completions for token prompts with a (possibly LoRA-adapted) Llama.
+
+    Args:
+      model: the model; or give ``graphdef`` and ``params`` (states that ``nnx.merge`` takes,
+        e.g. a training run's trainable and frozen parameters).
+      batch_size: row slots (rounded up to a multiple of the batch-sharding mesh axes).
+      max_len: cache length; every request needs ``len(prompt) + max_new_tokens <= max_len``.
+      chunk_steps: decode steps between refills while requests wait.
+      max_stop_ids: the most stop ids one request may have.
+      mesh / rules: shard rows over the batch axes (weights keep their own placement).
+      cache_dtype: KV cache dtype (default: the model's compute dtype).
+    """
+
+    def __init__(self, model: Llama | None = None, *, graphdef: nnx.GraphDef | None = None,
+                 params: Sequence[Any] | None = None, batch_size: int = 8,
+                 max_len: int = 512, chunk_steps: int = 32, max_stop_ids: int = 8,
+                 mesh: Mesh | None = None, rules: Mapping[str, MeshAxes] | None = None,
+                 cache_dtype: Any = None, unstack: bool | None = None):
+        if model is not None:
+            graphdef, *params = nnx.split(model)
+        if graphdef is None or not params:
+            raise ValueError("Sampler needs a model, or graphdef and params")
+        self.graphdef = graphdef
+        self.unstack = jax.default_backend() == "cpu" if unstack is None else unstack
+        self.set_params(*params)
+        abstract = nnx.merge(graphdef, *self.params)
+        self.config = abstract.config
+        self.vocab_size = self.config.vocab_size
+        self.cache_dtype = jnp.dtype(cache_dtype or abstract.dtype)
+        self.ctx = ShardingContext(mesh, dict(DEFAULT_RULES if rules is None else rules)) \
+            if mesh is not None else None
+        rows = self._batch_shards()
+        self.batch_size = int(math.ceil(batch_size / rows) * rows)
+        if max_len < 2:
+            raise ValueError(f"max_len must be >= 2, got {max_len}")
+        self.max_len = max_len
+        self.out_len = max_len
+        self.chunk_steps = chunk_steps
+        self.max_stop_ids = max_stop_ids
+        self._init = jax.jit(self._init_fn, out_shardings=self._state_shardings())
+        donate = dict(donate_argnums=1, out_shardings=self._state_shardings())
+        self._prefill_all = jax.jit(self._prefill_all_fn, static_argnames="mode", **donate)
+        self._insert = jax.jit(self._insert_fn, static_argnames="mode", **donate)
+        self._decode = jax.jit(self._decode_fn, static_argnames="mode", **donate)
+
+    # ------------------------------------------------------------------ public
+    def set_params(self, *params: Any) -> None:
+        """Use these weights from now on (same structure; e.g. after a training step).
+
+        With ``unstack`` the layer weights are copied once into per-layer arrays here.
+        """
+        self.params = tuple(params)
+        model = nnx.merge(self.graphdef, *self.params)
+        self.layer_graphdef, stacked = nnx.split(model.layers)
+        n = jax.tree.leaves(stacked)[0].shape[0]
+        self.layers = self.fused = None
+        if self.unstack:  # fuse q/k/v and gate/up unless adapters or tensor-split outputs
+            kernel = model.layers.self_attn.q_proj.kernel[...]
+            spec = getattr(getattr(kernel, "sharding", None), "spec", ())
+            split_out = len(spec) == kernel.ndim and spec[-1] is not None
+            fuse = not has_lora(model) and not split_out
+            self.layers, self.fused = unstack_layers(self.layer_graphdef, stacked, n,
+                                                     fuse=fuse)
+
+    def generate(self, requests: Sequence[Request] | Sequence[Sequence[int]],
+                 params: SamplingParams | None = None) -> list[Completion]:
+        """Completions for ``requests`` (or bare prompts with ``params``), in order."""
+        reqs = [r if isinstance(r, Request) else Request(list(r), params or SamplingParams())
+                for r in requests]
+        tagged = collections.deque(Request(r.prompt, r.params, r.seed, i)
+                                   for i, r in enumerate(reqs))
+        results: list[Completion | None] = [None] * len(reqs)
+        for req, completion in self.stream(tagged, drain=True):
+            results[req.tag] = completion
+        return results  # type: ignore[return-value]
+
+    def stream(self, pending: collections.deque, *, drain: bool = False
+               ) -> Iterator[tuple[Request, Completion]]:
+        """Continuous batching over the ``pending`` queue of :class:`Request` s.
+
+        Yields ``(request, completion)`` as rows finish; the caller may append to ``pending``
+        between yields (e.g. a response request for each finished instruction). With ``drain``
+        the last requests run to completion in one call instead of ``chunk_steps`` chunks.
+        """
+        slots: list[Request | None] = [None] * self.batch_size
+        with self._sharding():
+            state = self._init()
+            while True:
+                free = [i for i, r in enumerate(slots) if r is None]
+                if pending and len(free) == self.batch_size:
+                    batch = [pending.popleft() for _ in range(min(self.batch_size, len(pending)))]
+                    state = self._fill_all(state, batch)
+                    slots[:len(batch)] = batch
+                elif pending:
+                    for slot in free:
+                        if not pending:
+                            break
+                        req = pending.popleft()
+                        state = self._fill_row(state, slot, req)
+                        slots[slot] = req
+                active = [r for r in slots if r is not None]
+                if not active:
+                    return
+                steps = self.out_len if (drain and not pending) else self.chunk_steps
+                mode = sort_mode([r.params for r in active], self.vocab_size)
+                state = self._decode(self._weights(), state, jnp.int32(steps), mode=mode)
+                done, n_out, out = jax.device_get((state.done, state.n_out, state.out))
+                for slot, req in enumerate(slots):
+                    if req is not None and done[slot]:
+                        slots[slot] = None
+                        yield req, _completion(out[slot, :n_out[slot]], req.params)
+
+    # ------------------------------------------------------------------ host helpers
+    def check(self, req: Request) -> None:
+        """ValueError (:class:`PromptTooLong` for length) if ``req`` cannot run here."""
+        n, p = len(req.prompt), req.params
+        if n == 0:
+            raise ValueError("empty prompt")
+        if n + p.max_new_tokens > self.max_len:
+            raise PromptTooLong(f"prompt of {n} tokens + max_new_tokens {p.max_new_tokens} "
+                                f"exceeds the sampler's max_len {self.max_len}")
+        if len(p.stop_ids) > self.max_stop_ids:
+            raise ValueError(f"{len(p.stop_ids)} stop ids; the sampler allows "
+                             f"{self.max_stop_ids} (max_stop_ids)")
+        bad = [t for t in [*req.prompt, *p.stop_ids] if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
+
+    def _row_arrays(self, reqs: Sequence[Request | None], width: int) -> dict[str, np.ndarray]:
+        n = len(reqs)
+        a = {"tokens": np.zeros((n, width), np.int32), "lengths": np.zeros(n, np.int32),
+             "seeds": np.zeros(n, np.uint32), "temperature": np.zeros(n, np.float32),
+             "top_k": np.zeros(n, np.int32), "top_p": np.ones(n, np.float32),
+             "min_p": np.zeros(n, np.float32), "max_new": np.ones(n, np.int32),
+             "stops": np.full((n, self.max_stop_ids), -1, np.int32)}
+        for i, r in enumerate(reqs):
+            if r is None:
+                continue
+            p = r.params
+            a["tokens"][i, :len(r.prompt)] = r.prompt
+            a["lengths"][i] = len(r.prompt)
+            a["seeds"][i] = r.seed % (1 << 32)
+            a["temperature"][i], a["top_k"][i] = p.temperature, p.top_k
+            a["top_p"][i], a["min_p"][i], a["max_new"][i] = p.top_p, p.min_p, p.max_new_tokens
+            a["stops"][i, :len(p.stop_ids)] = p.stop_ids
+        return a
+
+    def _fill_all(self, state: DecodeState, batch: list[Request]) -> DecodeState:
+        for r in batch:
+            self.check(r)
+        width = bucket(max(len(r.prompt) for r in batch), self.max_len)
+        rows = list(batch) + [None] * (self.batch_size - len(batch))
+        a = self._row_arrays(rows, width)
+        mode = sort_mode([r.params for r in batch], self.vocab_size)
+        return self._prefill_all(self._weights(), state, a, mode=mode)
+
+    def _fill_row(self, state: DecodeState, slot: int, req: Request) -> DecodeState:
+        self.check(req)
+        a = self._row_arrays([req], bucket(len(req.prompt), self.max_len))
+        mode = sort_mode([req.params], self.vocab_size)
+        return self._insert(self._weights(), state, a, jnp.int32(slot), mode=mode)
+
+    @contextlib.contextmanager
+    def _sharding(self):
+        if self.ctx is None:
+            yield
+        else:
+            with use_sharding(self.ctx.mesh, self.ctx.rules):
+                yield
+
+    def _batch_shards(self) -> int:
+        if self.ctx is None:
+            return 1
+        spec = self.ctx.spec(("batch",))[0]
+        names = () if spec is None else (spec,) if isinstance(spec, str) else spec
+        return math.prod(self.ctx.mesh.shape[n] for n in names)
+
+    def _state_shardings(self) -> DecodeState | None:
+        if self.ctx is None:
+            return None
+
+        def sh(*axes: str | None) -> NamedSharding:
+            return self.ctx.sharding(axes)
+
+        row = sh("batch")
+        n = self.config.num_hidden_layers
+        k, v = tuple(sh(*CACHE_K_AXES) for _ in range(n)), tuple(sh(*CACHE_V_AXES)
+                                                               for _ in range(n))
+        return DecodeState(
+            cache=SlotCache(k, v, sh("batch", "cache_sequence"), row), last=row, done=row,
+            n_out=row, out=sh("batch", None), seeds=row, params=RowParams(row, row, row, row),
+            max_new=row, stops=sh("batch", None))
+
+    # ------------------------------------------------------------------ compiled programs
+    def _weights(self) -> tuple[Any, ...]:
+        """What the compiled programs read: the states, per-layer copies, fused kernels."""
+        return self.params, self.layers, self.fused
+
+    def _modules(self, weights: tuple[Any, ...]) -> tuple[Llama, list[nnx.Module], Any]:
+        params, layers, fused = weights
+        model = nnx.merge(self.graphdef, *params)
+        if layers is None:  # static slices of the stacked weights, inside the program
+            _, stacked = nnx.split(model.layers)
+            layers = slice_layers(stacked, self.config.num_hidden_layers)
+        return model, [nnx.merge(self.layer_graphdef, s) for s in layers], fused
+
+    def _init_fn(self) -> DecodeState:
+        b = self.batch_size
+        zeros = jnp.zeros((b,), jnp.int32)
+        return DecodeState(
+            cache=init_slot_cache(self.config, b, self.max_len, self.cache_dtype), last=zeros,
+            done=jnp.ones((b,), bool), n_out=zeros,
+            out=jnp.zeros((b, self.out_len), jnp.int32), seeds=jnp.zeros((b,), jnp.uint32),
+            params=RowParams(jnp.zeros((b,)), zeros, jnp.ones((b,)), jnp.zeros((b,))),
+            max_new=jnp.ones((b,), jnp.int32),
+            stops=jnp.full((b, self.max_stop_ids), -1, jnp.int32))
+
+    def _prefill(self, weights, cache: SlotCache, a: dict[str, jax.Array], mode: SortMode
+                 ) -> tuple[SlotCache, jax.Array]:
+        """Write right-padded prompts from slot 0 of an emptied ``cache``; first tokens."""
+        b, width = a["tokens"].shape
+        cache = cache._replace(segment_ids=jnp.zeros_like(cache.segment_ids),
+                               end=jnp.zeros_like(cache.end))
+        positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (b, width))
+        segments = (positions < a["lengths"][:, None]).astype(jnp.int32)
+        model, mods, fused = self._modules(weights)
+        hidden, cache = forward(model, mods, a["tokens"], positions, segments, cache, fused)
+        last = jnp.take_along_axis(hidden, jnp.maximum(a["lengths"] - 1, 0)[:, None, None],
+                                   axis=1)
+        logits = model.logits(last)[:, 0]
+        rp = RowParams(a["temperature"], a["top_k"], a["top_p"], a["min_p"])
+        keys = row_keys(a["seeds"], jnp.zeros((b,), jnp.int32))
+        return cache, select_tokens(logits, rp, keys, mode)
+
+    def _start_rows(self, a: dict[str, jax.Array], first: jax.Array, live: jax.Array
+                    ) -> dict[str, jax.Array]:
+        """Per-row fields of freshly prefilled rows (``live``: rows holding a request)."""
+        stop = jnp.any(first[:, None] == a["stops"], axis=-1)
+        out = jnp.zeros((first.shape[0], self.out_len), jnp.int32).at[:, 0].set(first)
+        return dict(last=first, done=~live | stop | (a["max_new"] <= 1),
+                    n_out=live.astype(jnp.int32), out=out, seeds=a["seeds"],
+                    params=RowParams(a["temperature"], a["top_k"], a["top_p"], a["min_p"]),
+                    max_new=a["max_new"], stops=a["stops"])
+
+    def _prefill_all_fn(self, weights, state: DecodeState, a, *, mode: SortMode
+                        ) -> DecodeState:
+        cache, first = self._prefill(weights, state.cache, a, mode)
+        return DecodeState(cache=cache, **self._start_rows(a, first, a["lengths"] > 0))
+
+    def _insert_fn(self, weights, state: DecodeState, a, slot: jax.Array, *,
+                   mode: SortMode) -> DecodeState:
+        def take(x: jax.Array) -> jax.Array:
+            return jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=0)
+
+        def put(full: jax.Array, one: jax.Array) -> jax.Array:
+            return jax.lax.dynamic_update_slice_in_dim(full, one.astype(full.dtype), slot, 0)
+
+        row, first = self._prefill(weights, jax.tree.map(take, state.cache), a, mode)
+        cache = jax.tree.map(put, state.cache, row)
+        fields = self._start_rows(a, first, jnp.ones((1,), bool))
+        rows = {k: jax.tree.map(put, getattr(state, k), v) for k, v in fields.items()}
+        return state._replace(cache=cache, **rows)
+
+    def _decode_fn(self, weights, state: DecodeState, steps: jax.Array, *, mode: SortMode
+                   ) -> DecodeState:
+        model, mods, fused = self._modules(weights)
+        rows = jnp.arange(self.batch_size)
+        cap = self.out_len - 1
+
+        def cond(carry):
+            i, s = carry
+            return (i < steps) & ~jnp.all(s.done)
+
+        def body(carry):
+            i, s = carry
+            active = ~s.done
+            hidden, cache = forward(model, mods, s.last[:, None], s.cache.end[:, None],
+                                    active.astype(jnp.int32)[:, None], s.cache, fused)
+            keys = None if mode == "greedy" else row_keys(s.seeds, s.n_out)
+            tok = select_tokens(model.logits(hidden)[:, -1], s.params, keys, mode)
+            col = jnp.minimum(s.n_out, cap)
+            out = s.out.at[rows, col].set(jnp.where(active, tok, s.out[rows, col]))
+            n_out = s.n_out + active.astype(jnp.int32)
+            stop = jnp.any(tok[:, None] == s.stops, axis=-1)
+            done = s.done | (active & (stop | (n_out >= s.max_new)))
+            last = jnp.where(active, tok, s.last)
+            return i + 1, s._replace(cache=cache, last=last, done=done, n_out=n_out, out=out)
+
+        return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
+
+
+def _completion(ids: np.ndarray, params: SamplingParams) -> Completion:
+    tokens = [int(t) for t in ids]
+    if tokens and tokens[-1] in params.stop_ids:
+        stop = tokens[-1]
+        return Completion(tokens if params.include_stop else tokens[:-1], "stop", stop)
+    return Completion(tokens, "length")
+
+
+def prompts_to_requests(prompts: Iterable[Sequence[int]], params: SamplingParams,
+                        seed: int = 0) -> list[Request]:
+    """One :class:`Request` per prompt, seeds ``seed, seed + 1, ...``."""
+    return [Request(list(p), params, seed + i, i) for i, p in enumerate(prompts)]
