@@ -54,15 +54,40 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML run config (see configs/)")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=10")
     train.set_defaults(func=_cmd_train)
+    from basque_jax.distributed import add_arguments as add_distributed_arguments
+
+    add_distributed_arguments(train)
     info = sub.add_parser("info", help="print a model preset or HF config and its size")
     info.add_argument("model", help="preset name (e.g. llama3.1-8b) or HF folder / config.json")
     info.set_defaults(func=_cmd_info)
+    from basque_jax.eval.cli import add_eval_parser
+    from basque_jax.export.cli import add_export_parser
+
+    add_export_parser(sub)
+    add_eval_parser(sub)
+    from basque_jax.plan import add_plan_parser
+
+    add_plan_parser(sub)
+    from basque_jax.sample.cli import add_sample_parsers
+
+    add_sample_parsers(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command not in LOCAL_COMMANDS:  # multi-host: before anything touches a device
+        from basque_jax.distributed import initialize
+
+        try:
+            initialize(args)
+        except ValueError as e:
+            print(f"basque-jax {args.command}: {e}", file=sys.stderr)
+            return 2
     return int(args.func(args) or 0)
+
+
+LOCAL_COMMANDS = ("demo", "info", "plan", "filter")  # never join a jax.distributed group
 
 
 if __name__ == "__main__":

@@ -3,12 +3,16 @@
 ``load_config("configs/demo.yaml", ["optim.lr=3e-4", "lora.rank=8"])`` validates everything and
 raises :class:`ConfigError` naming the key (``train.steps: expected int, got str 'ten'``) for
 unknown keys, wrong types and impossible values. A YAML file may name ``base: other.yaml``
-(relative to itself) whose values it overrides, so configs compose without copy-paste.
+(or a list of them, relative to itself) whose values it overrides, so configs compose without
+copy-paste; a key written ``name+:`` extends the base's value instead of replacing it (lists are
+concatenated, numbers added). Strings may use ``${var}`` for a key of the top-level ``vars:``
+mapping (override with ``vars.var=...``) or ``${config_name}`` (the config file's stem).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +23,7 @@ import yaml
 from basque_jax.data.config import ConfigError, DataConfig, _build
 from basque_jax.model.llama import REMAT_POLICIES
 from basque_jax.sharding import LOGICAL_AXES
+from basque_jax.topology import parse_topology
 
 DTYPES = ("float32", "bfloat16", "float16")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -65,7 +70,11 @@ class ModelSection:
 
 @dataclass
 class LoraSection:
-    """LoRA adapters; ``enabled: false`` means full fine-tuning."""
+    """LoRA adapters; ``enabled: false`` means full fine-tuning.
+
+    ``init_from``: a PEFT adapter folder to continue training from; its rank, alpha, targets
+    and rsLoRA then replace ``rank``/``alpha``/``targets``/``use_rslora`` (``dropout`` stays).
+    """
 
     enabled: bool = False
     rank: int = 16
@@ -74,8 +83,11 @@ class LoraSection:
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     use_rslora: bool = False
     base_dtype: str | None = None
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
+        if self.init_from and not self.enabled:
+            raise ConfigError("lora.init_from: set lora.enabled: true to train the adapter")
         if self.rank < 1:
             raise ConfigError(f"lora.rank: must be >= 1, got {self.rank}")
         if not 0.0 <= self.dropout < 1.0:
@@ -144,6 +156,7 @@ class TrainSection:
     seed: int = 0
     neftune_alpha: float = 0.0
     z_loss: float = 0.0
+    loss_chunk: int = 0
     log_every: int = 10
     eval_every: int = 0
     eval_batches: int = 4
@@ -152,19 +165,90 @@ class TrainSection:
     async_checkpoints: bool = True
     progress_bar: bool = True
     tensorboard: bool = True
+    epoch_tokens: int | None = None
 
     def __post_init__(self) -> None:
+        if self.epoch_tokens is not None and self.epoch_tokens < 1:
+            raise ConfigError(f"train.epoch_tokens: must be >= 1, got {self.epoch_tokens}")
         for key in ("steps", "micro_batches", "log_every", "eval_batches", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
-        for key in ("eval_every", "save_every", "neftune_alpha", "z_loss"):
+        for key in ("eval_every", "save_every", "neftune_alpha", "z_loss", "loss_chunk"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}: must be >= 0, got {getattr(self, key)}")
 
 
 @dataclass
+class PlanSection:
+    """Where the run is meant to go, for ``basque-jax plan`` (AOT compile, memory, cost).
+
+    topology: a Cloud TPU accelerator type (``v5e-8``, ``v6e-8``, ``v5p-32``) or
+      ``generation:shape`` (``v5e:2x2``). architecture: the model preset to plan with when
+      ``model.init_from`` is not readable here (its config.json is used when it is).
+    mfu: model FLOPs utilisation assumed for time and cost estimates. decode_batch: rows of the
+      planned decode step (default: one row per batch shard of the mesh).
+    """
+
+    topology: str | None = None
+    architecture: str | None = None
+    mfu: float = 0.4
+    decode_batch: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.topology is not None:
+            try:
+                parse_topology(self.topology)
+            except ValueError as e:
+                raise ConfigError(f"plan.topology: {e}") from None
+        if self.architecture is not None:
+            from basque_jax.model.config import PRESETS
+
+            if self.architecture not in PRESETS:
+                raise ConfigError(f"plan.architecture: unknown preset {self.architecture!r}; "
+                                  f"known: {', '.join(sorted(PRESETS))}")
+        if not 0 < self.mfu <= 1:
+            raise ConfigError(f"plan.mfu: must be in (0, 1], got {self.mfu}")
+        if self.decode_batch is not None and self.decode_batch < 1:
+            raise ConfigError(f"plan.decode_batch: must be >= 1, got {self.decode_batch}")
+
+
+@dataclass
+class SampleSection:
+    """Sampling from the weights being trained (``basque_jax.sample.attached``): every
+    ``every`` steps (0: never) ``prompts`` are completed and logged to ``samples.jsonl``.
+
+    chat: prompts are user messages through ``data.chat_template`` (else raw text after BOS).
+    temperature 0 is greedy; ``seed`` fixes sampled completions across steps.
+    """
+
+    every: int = 0
+    prompts: list[str] = field(default_factory=list)
+    chat: bool = True
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"sample.every: must be >= 0, got {self.every}")
+        if self.every and not self.prompts:
+            raise ConfigError("sample.prompts: give at least one prompt to sample every "
+                              f"{self.every} steps")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"sample.max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ConfigError("sample: temperature must be >= 0, top_p in (0, 1], top_k >= 0")
+
+
+@dataclass
 class RunConfig:
-    """Everything one ``basque-jax train`` run needs."""
+    """Everything one ``basque-jax train`` run needs.
+
+    With ``train.epoch_tokens`` (tokens in one pass over ``data.sources``) the number of steps
+    is derived: ``ceil(data.epochs * epoch_tokens / (data.batch_size * data.seq_len))``.
+    """
 
     model: ModelSection
     data: DataConfig
@@ -173,8 +257,15 @@ class RunConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval_data: DataConfig | None = None
+    plan: PlanSection = field(default_factory=PlanSection)
+    sample: SampleSection = field(default_factory=SampleSection)
 
     def __post_init__(self) -> None:
+        if self.train.epoch_tokens is not None:
+            if self.data.epochs is None:
+                raise ConfigError("train.epoch_tokens: needs data.epochs (a number of passes)")
+            self.train.steps = math.ceil(self.data.epochs * self.train.epoch_tokens
+                                         / (self.data.batch_size * self.data.seq_len))
         if self.data.batch_size % self.train.micro_batches:
             raise ConfigError(f"train.micro_batches: {self.train.micro_batches} does not divide "
                               f"data.batch_size {self.data.batch_size}")
@@ -189,10 +280,27 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+def _extend(key: str, old: Any, value: Any) -> Any:
+    """``key+: value`` over a base value ``old``: lists concatenate, numbers add."""
+    if old is None:
+        return value
+    if isinstance(old, list) and isinstance(value, list):
+        return old + value
+    numbers = all(isinstance(x, int | float) and not isinstance(x, bool) for x in (old, value))
+    if numbers:
+        return old + value
+    raise ConfigError(f"{key}+: cannot extend {type(old).__name__} {old!r} with "
+                      f"{type(value).__name__} {value!r} (lists or numbers only)")
+
+
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(key, str) and key.endswith("+"):
+            name = key[:-1]
+            out[name] = _extend(name, out.get(name), _merge({}, value)
+                                if isinstance(value, dict) else value)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)
         else:
             out[key] = value
@@ -214,7 +322,7 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"{path}: top level must be a mapping")
     base = d.pop("base", None)
     if base is None:
-        return d
+        return _merge({}, d)
     bases = [base] if isinstance(base, str) else list(base)
     merged: dict[str, Any] = {}
     for b in bases:
@@ -264,9 +372,47 @@ def resolve_sample_paths(d: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def interpolate(d: dict[str, Any], config_name: str) -> dict[str, Any]:
+    """Substitute ``${name}`` in every string from the top-level ``vars:`` mapping (which is
+    removed; vars may use each other) and ``${config_name}``."""
+    d = dict(d)
+    variables = d.pop("vars", None) or {}
+    if not isinstance(variables, dict):
+        raise ConfigError(f"vars: expected a mapping, got {type(variables).__name__}")
+    table = {"config_name": config_name, **{str(k): v for k, v in variables.items()}}
+
+    def sub(value: Any, where: str, depth: int = 0) -> Any:
+        if isinstance(value, dict):
+            return {k: sub(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [sub(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        if not isinstance(value, str) or "${" not in value:
+            return value
+        if depth > 10:
+            raise ConfigError(f"{where}: ${{...}} variables nest too deep (a cycle?)")
+
+        def one(m: re.Match) -> str:
+            if m.group(1) not in table:
+                raise ConfigError(f"{where}: unknown variable ${{{m.group(1)}}}; define it "
+                                  f"under vars: (known: {', '.join(sorted(table))})")
+            return str(table[m.group(1)])
+
+        return sub(_VAR.sub(one, value), where, depth + 1)
+
+    return sub(d, "")
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read, override and validate a run config (``@sample/`` paths name the embedded sample)."""
-    return RunConfig.from_dict(resolve_sample_paths(apply_overrides(read_yaml(path),
-                                                                    list(overrides))))
+    d = interpolate(apply_overrides(read_yaml(path), list(overrides)), Path(path).stem)
+    train = d.get("train") or {}
+    if isinstance(train, dict) and train.get("epoch_tokens") is not None and "steps" in train:
+        raise ConfigError("train.steps: set either train.steps or train.epoch_tokens (which "
+                          "derives the steps); to run a fixed number of steps, also set "
+                          "train.epoch_tokens=null")
+    return RunConfig.from_dict(resolve_sample_paths(d))
 
 

@@ -1,7 +1,7 @@
 """The demo: the project's main job on an embedded tiny default, a few minutes on 2 CPU cores.
 
 1. LoRA-train a tiny Llama 3.1 on the embedded Basque sample (``configs/demo.yaml``);
-2. merge the adapters and export a Hugging Face folder, reload it, check the logits;
+2. export the merged model (Hugging Face folder) and the PEFT adapter, reload, check logits;
 3. greedy-decode a Basque prompt through the chat template with the KV cache.
 """
 
@@ -18,7 +18,8 @@ import numpy as np
 
 from basque_jax.config import load_config
 from basque_jax.data.tokenizer import load_tokenizer
-from basque_jax.model.hf import load_pretrained, save_pretrained
+from basque_jax.export.exporter import export
+from basque_jax.model.hf import load_pretrained
 from basque_jax.model.lora import merge_lora
 from basque_jax.train.loop import restore_model, run_training
 
@@ -38,12 +39,14 @@ def run_demo(out: str | Path) -> int:
     evals = [(r["step"], r["eval_loss"]) for r in evals if "eval_loss" in r]
     print("[demo] eval loss by step: " + ", ".join(f"{s}: {v:.3f}" for s, v in evals))
 
+    merged = export(out, out / "hf", mode="merged", dtype="float32")
+    adapter = export(out, out / "adapter", mode="peft")
     model = merge_lora(restore_model(cfg))
-    save_pretrained(model, out / "hf")
-    reloaded = load_pretrained(out / "hf")
+    reloaded = load_pretrained(merged.out_dir)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 1000, (1, 16)), jnp.int32)
     same = bool(jnp.allclose(model(ids), reloaded(ids), atol=1e-5))
-    print(f"[demo] merged export in {out / 'hf'}; reloaded logits match: {same}")
+    print(f"[demo] exported merged model to {merged.out_dir} and PEFT adapter to "
+          f"{adapter.out_dir}; reloaded logits match the trained model: {same}")
 
     tok = load_tokenizer(cfg.data.tokenizer)
     from basque_jax.data.chat import ChatEncoder

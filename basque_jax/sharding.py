@@ -297,5 +297,16 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Mapping[str, MeshAxes] | N
     table = DEFAULT_RULES if rules is None else rules
     for _, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Variable):
-            var.set_value(jax.device_put(var.get_value(), _variable_sharding(var, mesh, table)))
+            var.set_value(place(var.get_value(), _variable_sharding(var, mesh, table)))
     return model
+
+
+def place(value: Any, sharding: NamedSharding) -> jax.Array:
+    """``jax.device_put`` that also works across hosts: a value held whole by this process
+    (e.g. a seeded random init, which every process computes alike) becomes a global array of
+    which each process supplies its own shards."""
+    multi_host = not sharding.is_fully_addressable
+    if multi_host and getattr(value, "is_fully_addressable", True):
+        host = np.asarray(jax.device_get(value))
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return jax.device_put(value, sharding)

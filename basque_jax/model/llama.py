@@ -219,6 +219,8 @@ class Llama(nnx.Module):
       attention: ``auto`` | ``xla`` | ``dot_product`` | ``cudnn`` | ``splash`` |
         ``splash_interpret`` (see :mod:`basque_jax.model.attention`).
       remat: a key of :data:`REMAT_POLICIES`, applied to each scanned layer.
+      scan_unroll: layers per iteration of the layer loop (``True``: no loop; e.g. for XLA's
+        cost analysis, which counts a loop body once).
     """
 
     def __init__(
@@ -229,6 +231,7 @@ class Llama(nnx.Module):
         dtype: jnp.dtype = jnp.float32,
         attention: str = "auto",
         remat: str = "none",
+        scan_unroll: int | bool = 1,
         rngs: nnx.Rngs,
     ):
         if remat not in REMAT_POLICIES:
@@ -237,6 +240,7 @@ class Llama(nnx.Module):
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.remat = remat
+        self.scan_unroll = scan_unroll
         self.embed_tokens = Embed(config.vocab_size, config.hidden_size, param_dtype=param_dtype,
                                   dtype=dtype, init_std=config.initializer_range, rngs=rngs)
         self.layers = DecoderLayer(config, num_layers=config.num_hidden_layers,
@@ -312,11 +316,13 @@ class Llama(nnx.Module):
 
         policy = REMAT_POLICIES[self.remat]
         if self.remat != "none":
-            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+            # A loop already keeps XLA from merging the recomputation into the forward pass;
+            # unrolled layers need the explicit barrier.
+            body = jax.checkpoint(body, policy=policy, prevent_cse=self.scan_unroll != 1)
         kv_in = None if cache is None else (cache.k, cache.v)
         keys = None if dropout_key is None else jax.random.split(
             dropout_key, self.config.num_hidden_layers)
-        return jax.lax.scan(body, x, (state, kv_in, keys))
+        return jax.lax.scan(body, x, (state, kv_in, keys), unroll=self.scan_unroll)
 
     # ------------------------------------------------------------------ cache
     def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype | None = None) -> KVCache:

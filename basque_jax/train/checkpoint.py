@@ -8,12 +8,13 @@ and an interrupted save never shadows the last complete one (orbax commits atomi
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 def flatten_state(tree: Any) -> dict[str, Any]:
@@ -32,10 +33,12 @@ def unflatten_state(like: Any, flat: dict[str, Any]) -> Any:
 
 
 class Checkpointer:
-    """Save/restore a run under ``directory`` (``<dir>/<step>/{state,data,meta}``)."""
+    """Save/restore a run under ``directory`` (``<dir>/<step>/{state,data,meta}``), a local
+    folder or a ``gs://`` URI (orbax writes arrays with tensorstore, the rest via epath)."""
 
-    def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True):
-        self.directory = Path(directory).absolute()
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+        path = os.fspath(directory)
+        self.directory = epath.Path(path if "://" in path else os.path.abspath(path))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options,

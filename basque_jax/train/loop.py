@@ -9,13 +9,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -33,9 +33,12 @@ from basque_jax.model.lora import (
     lora_metadata,
     trainable_filter,
 )
+from basque_jax.model.peft_io import load_peft_adapter
+from basque_jax.sample.attached import attached_sampler
 from basque_jax.sharding import (
     MeshConfig,
     make_mesh,
+    param_shardings,
     rules_with_overrides,
     shard_model,
     use_sharding,
@@ -59,26 +62,77 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+def attach_lora(cfg: RunConfig, model: Llama) -> Llama:
+    """LoRA adapters per ``cfg.lora`` (and the frozen base cast to ``base_dtype``), if enabled."""
+    if cfg.lora.enabled:
+        lc = cfg.lora
+        if lc.init_from:  # continue from a PEFT adapter (its rank, alpha, targets)
+            load_peft_adapter(model, lc.init_from, dropout=lc.dropout,
+                              base_model=cfg.model.init_from or cfg.model.preset)
+        else:
+            apply_lora(model, LoraConfig(rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout,
+                                         targets=tuple(lc.targets), use_rslora=lc.use_rslora,
+                                         base_model=cfg.model.init_from or cfg.model.preset),
+                       rngs=nnx.Rngs(cfg.train.seed + 1))
+        if lc.base_dtype:
+            cast_frozen(model, jnp.dtype(lc.base_dtype))
+    return model
+
+
+def construct_model(cfg: RunConfig, config: LlamaConfig, *, attention: str | None = None,
+                    **llama_kwargs: Any) -> Llama:
+    """A randomly initialised ``config`` model with ``cfg``'s dtypes, remat and LoRA (unplaced).
+
+    Under ``nnx.eval_shape`` this is the abstract model ``basque-jax plan`` compiles.
+    """
+    m = cfg.model
+    model = Llama(config, param_dtype=jnp.dtype(m.param_dtype), dtype=jnp.dtype(m.dtype),
+                  attention=attention or m.attention, remat=m.remat,
+                  rngs=nnx.Rngs(cfg.train.seed), **llama_kwargs)
+    return attach_lora(cfg, model)
+
+
 def build_model(cfg: RunConfig, mesh, rules) -> Llama:
     """The backbone (random preset or HF folder), with LoRA attached when enabled, placed."""
     m = cfg.model
-    kwargs: dict[str, Any] = dict(attention=m.attention, remat=m.remat)
     if m.init_from:
         model = load_pretrained(m.init_from, dtype=m.param_dtype, compute_dtype=m.dtype,
-                                mesh=mesh, rules=rules, **kwargs)
+                                mesh=mesh, rules=rules, attention=m.attention, remat=m.remat)
+        attach_lora(cfg, model)
     else:
-        model = Llama(LlamaConfig.preset(m.preset), param_dtype=jnp.dtype(m.param_dtype),
-                      dtype=jnp.dtype(m.dtype), rngs=nnx.Rngs(cfg.train.seed), **kwargs)
-    if cfg.lora.enabled:
-        lc = cfg.lora
-        apply_lora(model, LoraConfig(rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout,
-                                     targets=tuple(lc.targets), use_rslora=lc.use_rslora,
-                                     base_model=m.init_from or m.preset),
-                   rngs=nnx.Rngs(cfg.train.seed + 1))
-        if lc.base_dtype:
-            cast_frozen(model, jnp.dtype(lc.base_dtype))
+        model = construct_model(cfg, LlamaConfig.preset(m.preset))
     shard_model(model, mesh, rules)
     return model
+
+
+def run_mesh(cfg: RunConfig, devices=None) -> tuple[Mesh, dict[str, Any]]:
+    """The mesh of ``cfg.mesh`` over ``devices`` (default: all) and its logical-axis rules."""
+    mc = cfg.mesh
+    mesh = make_mesh(MeshConfig(dcn=mc.dcn, data=mc.data, fsdp=mc.fsdp, tensor=mc.tensor),
+                     devices)
+    return mesh, rules_with_overrides(mc.rules)
+
+
+def run_optimizer(cfg: RunConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optimizer and learning-rate schedule of ``cfg.optim`` over ``cfg.train.steps``."""
+    o = cfg.optim
+    return make_optimizer(lr=o.lr, total_steps=cfg.train.steps, warmup_ratio=o.warmup_ratio,
+                          min_lr_ratio=o.min_lr_ratio, b1=o.b1, b2=o.b2, eps=o.eps,
+                          weight_decay=o.weight_decay, clip_norm=o.clip_norm)
+
+
+def step_options(cfg: RunConfig) -> StepOptions:
+    t = cfg.train
+    return StepOptions(micro_batches=t.micro_batches, neftune_alpha=t.neftune_alpha,
+                       z_loss=t.z_loss, seed=t.seed, loss_chunk=t.loss_chunk)
+
+
+def abstract_with_shardings(state: Any, mesh: Mesh, rules) -> Any:
+    """``ShapeDtypeStruct`` s of an abstract (``nnx.eval_shape``) state, each carrying the
+    sharding its logical axes give on ``mesh``."""
+    shardings = param_shardings(state, mesh, rules)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        state, shardings)
 
 
 def opt_state_shardings(optimizer: optax.GradientTransformation, params: Any) -> Any:
@@ -127,40 +181,46 @@ def setup_training(cfg: RunConfig, devices=None) -> TrainSetup:
 
     Call (and use the result) inside ``use_sharding(setup.mesh, setup.rules)``.
     """
-    mc = cfg.mesh
-    mesh = make_mesh(MeshConfig(dcn=mc.dcn, data=mc.data, fsdp=mc.fsdp, tensor=mc.tensor),
-                     devices)
-    rules = rules_with_overrides(mc.rules)
+    mesh, rules = run_mesh(cfg, devices)
     with use_sharding(mesh, rules):
-        model = build_model(cfg, mesh, rules)
-        validate_mesh(mesh, model.config, cfg.data.batch_size)
-        mode = "lora" if cfg.lora.enabled else "full"
-        model_config = model.config
-        lora_meta = lora_metadata(model) if mode == "lora" else None
-        graphdef, params, frozen = nnx.split(model, trainable_filter(mode), ...)
-        del model
-        o = cfg.optim
-        optimizer, schedule = make_optimizer(
-            lr=o.lr, total_steps=cfg.train.steps, warmup_ratio=o.warmup_ratio,
-            min_lr_ratio=o.min_lr_ratio, b1=o.b1, b2=o.b2, eps=o.eps,
-            weight_decay=o.weight_decay, clip_norm=o.clip_norm)
+        return assemble_setup(cfg, mesh, rules, build_model(cfg, mesh, rules))
+
+
+def assemble_setup(cfg: RunConfig, mesh: Mesh, rules: dict[str, Any], model: Llama, *,
+                   abstract: bool = False) -> TrainSetup:
+    """Split ``model``, build the optimizer state and the jitted step (call under
+    ``use_sharding``). ``abstract``: ``model`` comes from ``nnx.eval_shape`` and every state
+    array is a sharded ``ShapeDtypeStruct`` (nothing is allocated; for AOT compilation)."""
+    validate_mesh(mesh, model.config, cfg.data.batch_size, rules)
+    mode = "lora" if cfg.lora.enabled else "full"
+    model_config = model.config
+    lora_meta = lora_metadata(model) if mode == "lora" else None
+    graphdef, params, frozen = nnx.split(model, trainable_filter(mode), ...)
+    del model
+    optimizer, schedule = run_optimizer(cfg)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    if abstract:
+        params = abstract_with_shardings(params, mesh, rules)
+        frozen = abstract_with_shardings(frozen, mesh, rules)
+        opt_state = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            jax.eval_shape(optimizer.init, params), opt_state_shardings(optimizer, params))
+        step0 = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+    else:
         opt_state = jax.jit(optimizer.init,
                             out_shardings=opt_state_shardings(optimizer, params))(params)
-        step0 = jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(mesh, PartitionSpec()))
-        state = TrainState(step0, params, opt_state)
-        options = StepOptions(micro_batches=cfg.train.micro_batches,
-                              neftune_alpha=cfg.train.neftune_alpha, z_loss=cfg.train.z_loss,
-                              seed=cfg.train.seed)
-        b_sharding = batch_shardings(mesh, batch_spec(mesh))
-        step_fn = jit_step(make_step_fn(graphdef, optimizer, schedule, options), state, frozen,
-                           b_sharding)
+        step0 = jax.device_put(jnp.zeros((), jnp.int32), replicated)
+    state = TrainState(step0, params, opt_state)
+    b_sharding = batch_shardings(mesh, batch_spec(mesh))
+    step_fn = jit_step(make_step_fn(graphdef, optimizer, schedule, step_options(cfg)), state,
+                       frozen, b_sharding)
     return TrainSetup(mesh, rules, model_config, mode, graphdef, state, frozen, optimizer,
                       schedule, b_sharding, step_fn, lora_meta)
 
 
 def run_training(cfg: RunConfig) -> dict[str, Any]:
     """Train per ``cfg``; returns the last logged metrics (and ``eval_loss`` when evaluated)."""
-    out_dir = Path(cfg.train.output_dir)
+    out_dir = epath.Path(cfg.train.output_dir)
     setup = setup_training(cfg)
     mesh, rules, cfg_model, mode = setup.mesh, setup.rules, setup.model_config, setup.mode
     graphdef, state, frozen = setup.graphdef, setup.state, setup.frozen
@@ -181,6 +241,7 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
         start = start or 0
 
         eval_fn = jax.jit(make_eval_fn(graphdef))
+        sampler = attached_sampler(cfg, tokenizer, setup, out_dir)  # None unless sample.every
         meta = {"config": cfg.to_dict(), "model_config": cfg_model.to_hf_dict(),
                 "lora": setup.lora_meta}
         writer = MetricsWriter(out_dir, tensorboard=cfg.train.tensorboard)
@@ -197,13 +258,20 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
                 writer.write(0, {"eval_loss": evaluate(cfg, tokenizer, eval_fn, state.params,
                                                        frozen, b_sharding)})
             for step in range(start, cfg.train.steps):
-                local = next(data)
+                try:
+                    local = next(data)
+                except StopIteration:
+                    print(f"[train] data exhausted after step {step} of {cfg.train.steps} "
+                          "(data.epochs passes done); stopping there")
+                    break
                 tokens_since += float(np.sum(local["segment_ids"] != 0)) * jax.process_count()
                 batch = make_global_batch(local, b_sharding["input_ids"])
                 state, metrics = step_fn(state, frozen, batch)
                 done = step + 1
                 if bar is not None:
                     bar.update(1)
+                if sampler is not None and done % cfg.sample.every == 0:
+                    sampler(done, state.params, frozen)  # the live weights, no copy to host
                 log_now = done % cfg.train.log_every == 0 or done == cfg.train.steps
                 save_now = cfg.train.save_every and done % cfg.train.save_every == 0
                 eval_now = cfg.train.eval_every and done % cfg.train.eval_every == 0
@@ -245,7 +313,7 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
 def restore_model(cfg: RunConfig, step: int | None = None) -> Llama:
     """The model of a run's checkpoint (latest by default): backbone + trained parameters."""
     setup = setup_training(cfg)
-    ckpt = Checkpointer(Path(cfg.train.output_dir) / "checkpoints", async_save=False)
+    ckpt = Checkpointer(epath.Path(cfg.train.output_dir) / "checkpoints", async_save=False)
     try:
         step = ckpt.latest_step() if step is None else step
         if step is None:
