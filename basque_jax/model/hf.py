@@ -152,6 +152,18 @@ def _validate_shapes(ckpt: _Checkpoint, entries: list[TensorEntry], shapes: Mapp
                                       f"{ckpt.files[key].dtype(key)}")
 
 
+def _open_folder(path: str | Path) -> tuple[LlamaConfig, _Checkpoint, list[TensorEntry]]:
+    """Config, tensor index and key map of a Hugging Face folder, names validated."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: model folder does not exist")
+    config = LlamaConfig.from_hf_file(folder)
+    ckpt = _Checkpoint(folder)
+    entries = key_map(config)
+    _validate_names(ckpt, entries, config.tie_word_embeddings)
+    return config, ckpt, entries
+
+
 def _checkpoint_dtype(ckpt: _Checkpoint, entries: list[TensorEntry]) -> np.dtype:
     first_key = entries[0].hf_keys[0]
     dtype = ckpt.files[first_key].dtype(first_key)
@@ -198,13 +210,7 @@ def load_pretrained(
       compute_dtype: activation dtype; default: ``dtype`` resolved as above.
       model_kwargs: passed to :class:`Llama` (``attention``, ``remat``).
     """
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: model folder does not exist")
-    config = LlamaConfig.from_hf_file(folder)
-    ckpt = _Checkpoint(folder)
-    entries = key_map(config)
-    _validate_names(ckpt, entries, config.tie_word_embeddings)
+    config, ckpt, entries = _open_folder(path)
     param_dtype = np.dtype(dtype) if dtype is not None else _checkpoint_dtype(ckpt, entries)
     act_dtype = np.dtype(compute_dtype) if compute_dtype is not None else param_dtype
     model = nnx.eval_shape(lambda: Llama(config, param_dtype=param_dtype, dtype=act_dtype,
@@ -325,13 +331,7 @@ def folder_fetch(path: str | Path) -> tuple[LlamaConfig, Fetch]:
     Names and shapes are validated up front. Tensors are read (not memory-mapped), one per call,
     so resident memory stays at about one tensor whatever the checkpoint size.
     """
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: model folder does not exist")
-    config = LlamaConfig.from_hf_file(folder)
-    ckpt = _Checkpoint(folder)
-    entries = key_map(config)
-    _validate_names(ckpt, entries, config.tie_word_embeddings)
+    config, ckpt, entries = _open_folder(path)
     _validate_shapes(ckpt, entries, param_shapes(config))
 
     def fetch(e: TensorEntry, layer: int | None) -> np.ndarray:
