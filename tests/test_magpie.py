@@ -105,7 +105,7 @@ def _generate(config: Path, cache: Path, **kw):
 
 
 def test_generate_killed_and_restarted_equals_uninterrupted(tmp_path):
-    n, cache = 40, tmp_path / "jit"
+    n, cache = 32, tmp_path / "jit"
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
     cmd, kw = _generate(_generate_config(tmp_path, ref_dir, n), cache)
     subprocess.run(cmd, capture_output=True, check=True, **kw)  # uninterrupted; fills cache
@@ -188,3 +188,15 @@ def test_translate_prompt_and_config_errors(tmp_path):
     assert "Itzultzaile profesionala zara." in text
     assert text.endswith("<|start_header_id|>user<|end_header_id|>\n\nItzuli euskarara: Good "
                          "morning!<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "sample"
+
+
+def test_shipped_sample_configs_validate():
+    gen = load_generate_config(CONFIGS / "magpie_eu.yaml")
+    assert (gen.instruction.temperature, gen.response.top_p) == (0.9, 0.9)
+    assert gen.system_prompt and gen.filters.language == "eu"
+    tr = load_translate_config(CONFIGS / "translate_eu.yaml")
+    assert tr.source.hf_dataset == "HiTZ/Magpie-Llama-3.1-8B-Instruct-Filtered-1M"
+    assert "{text}" in tr.prompt and tr.sampling.temperature == 0.0

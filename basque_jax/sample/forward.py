@@ -11,13 +11,14 @@ step writes one slot in place and both attention matmuls read the cache without 
 Semantics are the model's: new tokens are written at each row's ``end`` slot with their segment
 ids; a query attends to filled slots (same non-zero segment id) at or before its own slot;
 ``end`` advances by the number of non-padding tokens. Per-layer weights come either from a
-one-off copy (:func:`unstack_layers`, fastest on CPU) or from static slices of the stacked
-weights inside the compiled program (no extra memory).
+compiled copy made when the weights change (:func:`make_unstacker`, fastest on CPU, where
+adapter-free layers also get their q/k/v and gate/up kernels fused into one matmul each) or
+from static slices of the stacked weights inside the compiled program (no extra memory).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -79,11 +80,12 @@ def fuse_layer(layer: nnx.Module) -> Fused:
                  jnp.concatenate([m.gate_proj.kernel[...], m.up_proj.kernel[...]], axis=-1))
 
 
-def unstack_layers(graphdef: nnx.GraphDef, stacked: nnx.State, n: int, *, fuse: bool
-                   ) -> tuple[list[nnx.State], list[Fused] | None]:
-    """Per-layer copies of the stacked layer weights (each keeping its sharding minus the
-    leading ``layers`` axis), and with ``fuse`` the fused projections too; one compiled copy
-    that costs the layers' memory once more (twice with ``fuse``)."""
+def make_unstacker(graphdef: nnx.GraphDef, stacked: nnx.State, n: int, *, fuse: bool
+                   ) -> Callable[[nnx.State], tuple[list[nnx.State], list[Fused] | None]]:
+    """A compiled ``stacked -> (per-layer states, fused projections or None)`` for states
+    shaped and placed like ``stacked``: per-layer copies of the stacked layer weights, each
+    keeping its sharding minus the leading ``layers`` axis (the layers' memory once more;
+    twice with ``fuse``). Build once, call on every weight update."""
 
     def drop_lead(x: jax.Array) -> Any:
         s = getattr(x, "sharding", None)
@@ -98,9 +100,9 @@ def unstack_layers(graphdef: nnx.GraphDef, stacked: nnx.State, n: int, *, fuse: 
 
     shardings = [jax.tree.map(drop_lead, stacked) for _ in range(n)]
     if any(s is None for s in jax.tree.leaves(shardings[0], is_leaf=lambda v: v is None)):
-        return jax.jit(split)(stacked)
+        return jax.jit(split)
     fused_sh = [Fused(None, None)] * n if fuse else None  # type: ignore[arg-type]
-    return jax.jit(split, out_shardings=(shardings, fused_sh))(stacked)
+    return jax.jit(split, out_shardings=(shardings, fused_sh))
 
 
 def _write(buffer: jax.Array, update: jax.Array, start: jax.Array, axis: int) -> jax.Array:

@@ -46,8 +46,8 @@ from basque_jax.sample.forward import (
     SlotCache,
     forward,
     init_slot_cache,
+    make_unstacker,
     slice_layers,
-    unstack_layers,
 )
 from basque_jax.sample.sampling import (
     RowParams,
@@ -161,13 +161,18 @@ class Sampler:
         self.layer_graphdef, stacked = nnx.split(model.layers)
         n = jax.tree.leaves(stacked)[0].shape[0]
         self.layers = self.fused = None
-        if self.unstack:  # fuse q/k/v and gate/up unless adapters or tensor-split outputs
+        if not self.unstack:
+            return
+        leaves, treedef = jax.tree.flatten(stacked)
+        key = (treedef, tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves))
+        if getattr(self, "_unstacker_key", None) != key:  # compiled once per weight layout
             kernel = model.layers.self_attn.q_proj.kernel[...]
             spec = getattr(getattr(kernel, "sharding", None), "spec", ())
             split_out = len(spec) == kernel.ndim and spec[-1] is not None
-            fuse = not has_lora(model) and not split_out
-            self.layers, self.fused = unstack_layers(self.layer_graphdef, stacked, n,
-                                                     fuse=fuse)
+            fuse = not has_lora(model) and not split_out  # adapters / tensor-split outputs
+            self._unstacker = make_unstacker(self.layer_graphdef, stacked, n, fuse=fuse)
+            self._unstacker_key = key
+        self.layers, self.fused = self._unstacker(stacked)
 
     def generate(self, requests: Sequence[Request] | Sequence[Sequence[int]],
                  params: SamplingParams | None = None) -> list[Completion]:

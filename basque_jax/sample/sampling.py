@@ -74,9 +74,12 @@ class RowParams(NamedTuple):
 
 
 # A static description of the work the rows of a batch need: "greedy" (argmax only), "none"
-# (temperature/min-p: no sort), or an int K (thresholds from the top K logits; K = vocabulary
-# for top-p without top-k).
-SortMode = str | int
+# (temperature/min-p only: no sort) or ``(K, nucleus)``: thresholds from the K largest logits
+# (top-k rows need K >= their k); with ``nucleus`` some row has top-p without top-k, which
+# starts from the TOP_P_PREFIX largest logits and falls back to a full sort only for a row
+# whose nucleus is wider.
+SortMode = str | tuple[int, bool]
+TOP_P_PREFIX = 256
 
 
 def sort_mode(params: list[SamplingParams], vocab_size: int) -> SortMode:
@@ -86,10 +89,12 @@ def sort_mode(params: list[SamplingParams], vocab_size: int) -> SortMode:
         return "greedy"
     if all(p.top_k == 0 and p.top_p == 1.0 for p in sampled):
         return "none"
-    if any(p.top_k == 0 and p.top_p < 1.0 for p in sampled):
-        return vocab_size
     k = max(p.top_k for p in sampled)
-    return min(vocab_size, 1 << (k - 1).bit_length())  # round up: fewer compiled variants
+    k = 1 << (k - 1).bit_length() if k else 0  # round up: fewer compiled variants
+    nucleus = any(p.top_k == 0 and p.top_p < 1.0 for p in sampled)
+    if nucleus:
+        k = max(k, TOP_P_PREFIX)
+    return min(vocab_size, k), nucleus and k < vocab_size
 
 
 ARGMAX_BLOCK = 128
@@ -131,17 +136,38 @@ def keep_mask(scaled: jax.Array, params: RowParams, mode: SortMode) -> jax.Array
     keep = scaled >= top + jnp.log(jnp.maximum(params.min_p, 1e-30))[:, None]
     if mode == "none":
         return keep
-    k = int(mode)
-    vals = jax.lax.top_k(scaled, k)[0]  # descending [batch, K]
+    k, nucleus = mode
+    vocab = scaled.shape[-1]
+    lse = jax.nn.logsumexp(scaled, axis=-1)
+    threshold, complete = _thresholds(jax.lax.top_k(scaled, k)[0], params, lse, vocab)
+    if nucleus:  # a nucleus wider than the prefix: that row's threshold from a full sort
+
+        def full() -> jax.Array:
+            ranked = -jnp.sort(-scaled, axis=-1)
+            return jnp.where(complete, threshold, _thresholds(ranked, params, lse, vocab)[0])
+
+        threshold = jax.lax.cond(jnp.all(complete), lambda: threshold, full)
+    return keep & (scaled >= threshold[:, None])
+
+
+def _thresholds(vals: jax.Array, params: RowParams, lse: jax.Array, vocab: int
+                ) -> tuple[jax.Array, jax.Array]:
+    """Per-row smallest kept scaled logit from the K largest ``vals`` (descending), and
+    whether K sufficed to find it. Top-p runs on the top-k-renormalised distribution (as in
+    transformers) or, without top-k, on the full one (normaliser ``lse``)."""
+    k = vals.shape[-1]
     ranks = jnp.arange(k, dtype=jnp.int32)[None, :]
-    top_k = jnp.where(params.top_k > 0, jnp.minimum(params.top_k, k), k)[:, None]
-    vals = jnp.where(ranks < top_k, vals, -jnp.inf)
-    probs = jax.nn.softmax(vals, axis=-1)  # renormalised within top-k (as transformers does)
+    has_k = params.top_k > 0
+    limit = jnp.where(has_k, jnp.minimum(params.top_k, k), k)[:, None]
+    vals = jnp.where(ranks < limit, vals, -jnp.inf)
+    norm = jnp.where(has_k, jax.nn.logsumexp(vals, axis=-1), lse)
+    probs = jnp.exp(vals - norm[:, None])
     before = jnp.cumsum(probs, axis=-1) - probs
-    n_keep = jnp.sum((before < params.top_p[:, None]) & (ranks < top_k), axis=-1)
-    n_keep = jnp.maximum(n_keep, 1)
-    threshold = jnp.take_along_axis(vals, (n_keep - 1)[:, None], axis=-1)
-    return keep & (scaled >= threshold)
+    n_keep = jnp.sum((before < params.top_p[:, None]) & (ranks < limit), axis=-1)
+    threshold = jnp.take_along_axis(vals, jnp.maximum(n_keep - 1, 0)[:, None], axis=-1)[:, 0]
+    unfiltered = ~has_k & (params.top_p >= 1.0)
+    threshold = jnp.where(unfiltered, -jnp.inf, threshold)
+    return threshold, has_k | unfiltered | (n_keep < k) | (k == vocab)
 
 
 def row_keys(seeds: jax.Array, counters: jax.Array) -> jax.Array:
