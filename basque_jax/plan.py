@@ -9,12 +9,13 @@ the chip's HBM and the compiled FLOPs with the analytic count, and estimates ste
 tokens/s and TPU chip-hours for the run's token budget at a stated MFU.
 
 Compiled FLOPs: XLA's cost analysis counts the body of a loop once, whatever its trip count, so
-the full step's count misses all but one of the scanned layers (and micro-batches). Two more
-compiles of the same step with one and two layers, the layer loop unrolled, give the cost of one
-layer ``S2 - S1`` and of everything else ``2 S1 - S2``; the step costs
-``micro_batches * (S1 + (layers - 1) * (S2 - S1))`` (exact for one micro-batch; with several,
-the optimizer update -- a few FLOPs per parameter -- is counted once per micro-batch). With
-``train.loss_chunk`` the probes compute the loss in one piece, so the count leaves out the
+the full step's count misses all but one of the scanned layers and micro-batches (and the TPU
+compiler adds loops of its own around big sharded matmuls). Two more compiles of the same step
+for one micro-batch with one and two layers, without any loop (layers unrolled, matmuls whole:
+:data:`PROBE_OPTIONS`), give the cost of one layer ``S2 - S1`` and of everything else
+``2 S1 - S2``; the step costs ``micro_batches * (S1 + (layers - 1) * (S2 - S1))`` (with several
+micro-batches the optimizer update -- a few FLOPs per parameter -- is counted once for each).
+With ``train.loss_chunk`` the probes compute the loss in one piece, so the count leaves out the
 chunked loss's second computation of the logits in the backward pass. Attention run by the
 Pallas splash kernel (TPU) is a custom call whose FLOPs XLA does not see; the report prints
 the analytic attention FLOPs beside the count.
@@ -167,13 +168,20 @@ def resolve_architecture(cfg: RunConfig):
 _OOM = re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)\)")
 
 
-def _compile(lowered, args) -> tuple[Any, Memory]:
+# For the FLOP probes only: the TPU compiler splits large sharded matmuls into loops of
+# partial products overlapped with the collectives ("windowed einsums"), whose bodies the cost
+# analysis would count once. The probes keep each matmul whole; the arithmetic is the same.
+PROBE_OPTIONS = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
+                 "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
+
+
+def _compile(lowered, args, options: dict[str, Any] | None = None) -> tuple[Any, Memory]:
     """Compile; a program too large for HBM (the TPU compiler refuses it) comes back as
     ``(None, Memory(exhausted=True))`` with the temporaries the compiler asked for."""
     import jax
 
     try:
-        compiled = lowered.compile()
+        compiled = lowered.compile(compiler_options=options)
     except jax.errors.JaxRuntimeError as e:
         m = _OOM.search(str(e))
         if "RESOURCE_EXHAUSTED" not in str(e) or m is None:
@@ -191,6 +199,12 @@ def _compile(lowered, args) -> tuple[Any, Memory]:
 
 
 def _flops(compiled) -> float:
+    """FLOPs per device from XLA's cost analysis; a loop left in the program would be counted
+    once, so there must be none (the probes unroll theirs)."""
+    loops = compiled.as_text().count(" while(")
+    if loops:
+        raise PlanError(f"the FLOP probe still holds {loops} loop(s) that XLA's cost analysis "
+                        "would count once; no exact FLOP count (use --no-flops)")
     cost = compiled.cost_analysis()
     if isinstance(cost, list | tuple):
         cost = cost[0]
@@ -236,26 +250,29 @@ def plan_run(cfg: RunConfig, topology: str | None = None, *, mfu: float | None =
     except ValueError as e:
         raise PlanError(f"mesh on {topo.chips} chips of {name}: {e}") from None
     batch_size, seq_len = cfg.data.batch_size, cfg.data.seq_len
-    def compile_train(config, unroll=1, run=cfg):
+    def compile_train(config, unroll=1, run=cfg, options=None):
         model = nnx.eval_shape(lambda: construct_model(run, config, attention=attention,
                                                        scan_unroll=unroll))
         try:
             setup = assemble_setup(run, mesh, rules, model, abstract=True)
         except ValueError as e:
             raise PlanError(f"mesh {dict(mesh.shape)} on {name}: {e}") from None
-        batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), dtype,
+        batch = {k: jax.ShapeDtypeStruct((run.data.batch_size, seq_len), dtype,
                                          sharding=setup.batch_sharding[k])
                  for k, dtype in BATCH_KEYS.items()}
         args = (setup.state, setup.frozen, batch)
-        compiled, memory = _compile(setup.step_fn.lower(*args), args)
+        compiled, memory = _compile(setup.step_fn.lower(*args), args, options)
         return setup, compiled, memory
 
-    # The chunked loss is a loop too: the probes compute the logits in one piece.
-    whole_loss = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, loss_chunk=0))
+    # One micro-batch, the loss in one piece (micro-batches and loss chunks are loops too).
+    micro = cfg.train.micro_batches
+    whole_loss = dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, batch_size=batch_size // micro),
+        train=dataclasses.replace(cfg.train, loss_chunk=0, micro_batches=1))
 
     def probe_flops(layers: int) -> float:
         compiled = compile_train(model_config.replace(num_hidden_layers=layers),
-                                 unroll=True, run=whole_loss)[1]
+                                 unroll=True, run=whole_loss, options=PROBE_OPTIONS)[1]
         if compiled is None:
             raise PlanError(f"a {layers}-layer copy of the step does not fit either; "
                             "no FLOP count (use count_flops=False / --no-flops)")
@@ -270,8 +287,8 @@ def plan_run(cfg: RunConfig, topology: str | None = None, *, mfu: float | None =
         decode_batch = cfg.plan.decode_batch or batch_size // rows_per_shard  # 1 row a shard
         decode_mem = _compile_decode(setup, ctx, model_config, decode_batch, seq_len,
                                      jnp.dtype(cfg.model.dtype)) if decode else None
-    compiled_flops = len(devices) * cfg.train.micro_batches * (
-        s1 + (model_config.num_hidden_layers - 1) * (s2 - s1))
+    compiled_flops = len(devices) * micro * (s1 + (model_config.num_hidden_layers - 1)
+                                             * (s2 - s1))
     n_params = model_config.num_parameters
     trainable = sum(x.size for x in jax.tree.leaves(setup.state.params))
     lora_rank = cfg.lora.rank if setup.mode == "lora" else None

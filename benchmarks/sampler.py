@@ -4,8 +4,10 @@ Same weights (the ``bench`` preset: hidden 512, 4 layers, 8 heads / 2 KV heads, 
 random init, float32 on both sides), same prompts (64 random tokens), 128 new tokens, greedy,
 no stop token, at batch 1, 8 and 32. Compile time is excluded: each side runs once to warm up,
 then ``--repeats`` timed runs alternate between the two sides and the best of each counts
-(prefill included on both sides; alternating exposes both to the same machine load). Prints
-one JSON line per batch size and a summary line with the ratios.
+(prefill included on both sides; alternating exposes both to the same machine load). torch
+runs with its default thread count and with one thread (its best counts: on a loaded machine
+its OpenMP threads can stall badly). Prints one JSON line per batch size (with the 1-minute
+load average) and a summary line with the ratios.
 
     python benchmarks/sampler.py [--batches 1,8,32 --prompt-len 64 --new-tokens 128]
 
@@ -74,12 +76,16 @@ def bench_batch(model, hf, b: int, args) -> dict[str, Any]:
     if hf is not None:
         theirs()  # warm-up
     ours_s = hf_s = float("inf")
-    hf_out = None
+    hf_out, hf_threads = None, None
+    default_threads = torch.get_num_threads()
     for _ in range(args.repeats):
         ours_s = min(ours_s, timed(ours)[0])
-        if hf is not None:
+        for threads in (default_threads, 1) if hf is not None else ():
+            torch.set_num_threads(threads)  # the baseline's best setting counts
             t, hf_out = timed(theirs)
-            hf_s = min(hf_s, t)
+            if t < hf_s:
+                hf_s, hf_threads = t, threads
+    torch.set_num_threads(default_threads)
     assert all(len(c.tokens) == n_new for c in ours_out)
     row: dict[str, Any] = {"batch": b, "prompt_len": plen, "new_tokens": n_new,
                            "ours_tok_s": round(b * n_new / ours_s, 1),
@@ -89,7 +95,8 @@ def bench_batch(model, hf, b: int, args) -> dict[str, Any]:
         assert gen.shape == (b, n_new), gen.shape
         same = np.mean([c.tokens == gen[i].tolist() for i, c in enumerate(ours_out)])
         row |= {"hf_generate_tok_s": round(b * n_new / hf_s, 1),
-                "speedup": round(hf_s / ours_s, 2), "rows_identical_to_hf": float(same)}
+                "speedup": round(hf_s / ours_s, 2), "rows_identical_to_hf": float(same),
+                "hf_best_torch_threads": hf_threads}
     return row
 
 
@@ -120,8 +127,8 @@ def main(argv=None) -> int:
     for b in [int(x) for x in args.batches.split(",")]:
         row = bench_batch(model, hf, b, args)
         row |= {"preset": args.preset, "dtype": "float32", "xla_dot": args.xla_dot,
-                "torch_threads": torch.get_num_threads(), "jax_backend": jax.default_backend(),
-                "cpus": os.cpu_count()}
+                "jax_backend": jax.default_backend(), "cpus": os.cpu_count(),
+                "load_avg_1m": round(os.getloadavg()[0], 2)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     if hf is not None:

@@ -27,8 +27,8 @@ REST=()
 log() { printf '[tpu_setup] %s\n' "$*" >&2; }
 die() { printf '[tpu_setup] error: %s\n' "$*" >&2; exit 2; }
 
-# usage_from FILE: print the header comment of FILE (lines 2.. up to the first blank line).
-usage_from() { sed -n '2,/^$/s/^# \{0,1\}//p' "$1"; }
+# usage_from FILE: print the header comment of FILE (its leading # lines after the shebang).
+usage_from() { awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$1"; }
 
 # parse_common "$@": consume the common options; everything else lands in REST.
 parse_common() {

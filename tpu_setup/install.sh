@@ -3,6 +3,8 @@
 # ($HOME/basque-jax/venv), optionally mounting a GCS bucket with gcsfuse (read model folders
 # from /mnt/gcs/BUCKET/...).
 #
+# (gcsfs and google-cloud-storage too: orbax and epath need them for gs:// outputs.)
+#
 # usage: install.sh --name NAME --zone ZONE [--source DIR | --pip SPEC] [--extras LIST]
 #                   [--mount-bucket BUCKET] [--queued] [--project P] [--dry-run]
 #   --source DIR          pack this checkout (tracked + untracked, not ignored, files) and
@@ -41,7 +43,7 @@ PREPARE+="; $REMOTE/venv/bin/pip install -q --upgrade pip"
 tpu_ssh all "$PREPARE"
 
 if [[ -n "$PIP_SPEC" ]]; then
-  tpu_ssh all "set -euo pipefail; $REMOTE/venv/bin/pip install -q $(quote_args "$PIP_SPEC") gcsfs"
+  tpu_ssh all "set -euo pipefail; $REMOTE/venv/bin/pip install -q $(quote_args "$PIP_SPEC") gcsfs google-cloud-storage"
 else
   [[ -f "$SOURCE/pyproject.toml" ]] || die "--source $SOURCE: no pyproject.toml there"
   TARBALL="${TMPDIR:-/tmp}/basque_jax-src-$$.tar.gz"
@@ -57,7 +59,7 @@ else
   [[ "$DRY_RUN" == 1 ]] || rm -f "$TARBALL"
   INSTALL="set -euo pipefail; rm -rf $REMOTE/src && mkdir -p $REMOTE/src"
   INSTALL+="; tar -xzf $REMOTE/basque_jax-src.tar.gz -C $REMOTE/src"
-  INSTALL+="; $REMOTE/venv/bin/pip install -q $(quote_args "./$REMOTE/src[$EXTRAS]") gcsfs"
+  INSTALL+="; $REMOTE/venv/bin/pip install -q $(quote_args "./$REMOTE/src[$EXTRAS]") gcsfs google-cloud-storage"
   tpu_ssh all "$INSTALL"
 fi
 

@@ -16,6 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from basque_jax.config import MeshSection
+from basque_jax.data.config import ConfigError
 from basque_jax.data.tokenizer import Tokenizer, load_tokenizer
 from basque_jax.model.llama import Llama
 from basque_jax.sample.config import ModelSource, SamplerSection
@@ -56,8 +57,16 @@ def make_run_mesh(section: MeshSection, devices=None) -> tuple[Mesh, dict[str, A
 
 
 def load_model(src: ModelSource, mesh_section: MeshSection, devices=None) -> LoadedModel:
-    """The model of ``src`` placed on the mesh of ``mesh_section``, and its tokenizer."""
-    mesh, rules = make_run_mesh(mesh_section, devices)
+    """The model of ``src`` placed on the mesh of ``mesh_section``, and its tokenizer.
+
+    The mesh spans this process's devices only (default): with several processes each one
+    samples its own share of the work independently, so the model must fit one host.
+    """
+    if jax.process_count() > 1 and src.train_dir:
+        raise ConfigError("model.train_dir: with several processes, export the run first "
+                          "(basque-jax export RUN OUT) and sample from model.init_from=OUT")
+    mesh, rules = make_run_mesh(mesh_section, jax.local_devices() if devices is None
+                                else devices)
     tokenizer_path = src.tokenizer
     with use_sharding(mesh, rules):
         if src.train_dir:

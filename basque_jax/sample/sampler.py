@@ -1,8 +1,10 @@
 """Batched KV-cache sampling with continuous batching, compiled end to end.
 
-A :class:`Sampler` owns ``batch_size`` row slots over one preallocated KV cache
-(``Llama.init_cache``). Three compiled programs move a :class:`DecodeState` (cache + per-row
-bookkeeping), which is donated to each of them so the cache is updated in place:
+A :class:`Sampler` owns ``batch_size`` row slots over one preallocated KV cache (a per-layer
+:class:`~basque_jax.sample.forward.SlotCache`; the model's modules run through
+:func:`~basque_jax.sample.forward.forward`). Three compiled programs move a
+:class:`DecodeState` (cache + per-row bookkeeping), which is donated to each of them so the
+cache is updated in place:
 
 * ``prefill_all`` -- every slot free: one batched prefill of up to ``batch_size`` prompts
   (right-padded with segment id 0 to a power-of-two bucket, explicit positions) and the first
@@ -28,7 +30,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -408,8 +410,3 @@ def _completion(ids: np.ndarray, params: SamplingParams) -> Completion:
         return Completion(tokens if params.include_stop else tokens[:-1], "stop", stop)
     return Completion(tokens, "length")
 
-
-def prompts_to_requests(prompts: Iterable[Sequence[int]], params: SamplingParams,
-                        seed: int = 0) -> list[Request]:
-    """One :class:`Request` per prompt, seeds ``seed, seed + 1, ...``."""
-    return [Request(list(p), params, seed + i, i) for i, p in enumerate(prompts)]
