@@ -55,6 +55,9 @@ class ModelSection:
     dtype: str = "float32"
     attention: str = "auto"
     remat: str = "none"
+    # Layers per iteration of the layer loop; true: no loop (faster for a few layers on CPU,
+    # slow to compile for deep models).
+    scan_unroll: int | bool = 1
 
     def __post_init__(self) -> None:
         if (self.preset is None) == (self.init_from is None):
@@ -66,6 +69,10 @@ class ModelSection:
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"model.remat: expected one of {list(REMAT_POLICIES)}, got "
                               f"{self.remat!r}")
+        if not isinstance(self.scan_unroll, bool) and (not isinstance(self.scan_unroll, int)
+                                                       or self.scan_unroll < 1):
+            raise ConfigError(f"model.scan_unroll: expected true or an integer >= 1, got "
+                              f"{self.scan_unroll!r}")
 
 
 @dataclass

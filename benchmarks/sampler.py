@@ -9,6 +9,12 @@ runs with its default thread count and with one thread (its best counts: on a lo
 its OpenMP threads can stall badly). Prints one JSON line per batch size (with the 1-minute
 load average) and a summary line with the ratios.
 
+``matmul_floor_tok_s`` is a bound, measured in the same run: a compiled loop of 128 steps
+doing only the model's per-token matmuls (embedding gather, fused q/k/v, o, fused gate/up,
+down, output head, argmax) on arrays of the model's shapes -- no attention, norms, rotary
+embedding or cache. No XLA:CPU decoder of this model can beat it; ``floor_over_hf`` is the
+largest speed-up over ``generate`` that any such implementation could show on this machine.
+
     python benchmarks/sampler.py [--batches 1,8,32 --prompt-len 64 --new-tokens 128]
 
 XLA's CPU backend runs float32 matmuls through Eigen or, with an experimental flag, through
@@ -48,6 +54,41 @@ def timed(fn) -> tuple[float, Any]:
     t0 = time.perf_counter()
     out = fn()
     return time.perf_counter() - t0, out
+
+
+def matmul_floor(config, b: int, steps: int, repeats: int) -> float:
+    """New tokens/s of the bare per-token matmul chain at batch ``b`` (see module doc)."""
+    import jax
+    import jax.numpy as jnp
+
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    d = config.resolved_head_dim
+    qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * d
+    keys = iter(jax.random.split(jax.random.PRNGKey(0), 4 * config.num_hidden_layers + 2))
+
+    def w(*shape):
+        return jax.random.normal(next(keys), shape, jnp.float32) * 0.02
+
+    layers = [(w(h, qkv), w(config.num_attention_heads * d, h), w(h, 2 * i), w(i, h))
+              for _ in range(config.num_hidden_layers)]
+    embed, head = w(v, h), w(h, v)
+
+    @jax.jit
+    def run(tok, layers, embed, head):
+        def step(_, tok):
+            x = embed[tok]
+            for w_qkv, w_o, w_gu, w_down in layers:
+                x = x + (x @ w_qkv)[:, :w_o.shape[0]] @ w_o
+                gate, up = jnp.split(x @ w_gu, 2, axis=-1)
+                x = x + (jax.nn.silu(gate) * up) @ w_down
+            return jnp.argmax(x @ head, axis=-1).astype(jnp.int32)
+        return jax.lax.fori_loop(0, steps, step, tok)
+
+    tok = jnp.zeros((b,), jnp.int32)
+    run(tok, layers, embed, head).block_until_ready()  # compile
+    best = min(timed(lambda: run(tok, layers, embed, head).block_until_ready())[0]
+               for _ in range(repeats))
+    return b * steps / best
 
 
 def bench_batch(model, hf, b: int, args) -> dict[str, Any]:
@@ -90,12 +131,16 @@ def bench_batch(model, hf, b: int, args) -> dict[str, Any]:
     row: dict[str, Any] = {"batch": b, "prompt_len": plen, "new_tokens": n_new,
                            "ours_tok_s": round(b * n_new / ours_s, 1),
                            "ours_first_call_s": round(first_s, 2)}
+    floor = matmul_floor(model.config, b, n_new, args.repeats)
+    row |= {"matmul_floor_tok_s": round(floor, 1), "ours_of_floor": round(b * n_new / ours_s
+                                                                           / floor, 2)}
     if hf is not None:
         gen = hf_out[:, plen:].numpy()
         assert gen.shape == (b, n_new), gen.shape
         same = np.mean([c.tokens == gen[i].tolist() for i, c in enumerate(ours_out)])
         row |= {"hf_generate_tok_s": round(b * n_new / hf_s, 1),
                 "speedup": round(hf_s / ours_s, 2), "rows_identical_to_hf": float(same),
+                "floor_over_hf": round(floor * hf_s / (b * n_new), 2),
                 "hf_best_torch_threads": hf_threads}
     return row
 
@@ -138,6 +183,7 @@ def main(argv=None) -> int:
             "ours_tok_s": {r["batch"]: r["ours_tok_s"] for r in rows},
             "hf_generate_tok_s": {r["batch"]: r["hf_generate_tok_s"] for r in rows},
             "speedup_by_batch": {r["batch"]: r["speedup"] for r in rows},
+            "matmul_floor_over_hf": {r["batch"]: r["floor_over_hf"] for r in rows},
             "min_speedup": min(r["speedup"] for r in rows)}), flush=True)
     return 0
 

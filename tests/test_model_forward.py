@@ -80,6 +80,27 @@ def test_attention_kernels_match_reference(impl):
                                ref(ids, positions=pos, segment_ids=seg), atol=2e-5)
 
 
+def test_causal_query_blocks_skip_only_masked_work():
+    from basque_jax.model.attention import AttentionMask, causal_query_blocks, xla_attention
+
+    assert [causal_query_blocks(n) for n in (64, 256, 384, 512, 8192)] == [1, 2, 3, 4, 4]
+    r = np.random.default_rng(0)
+    b, t, h, kv, d = 2, 512, 4, 2, 16
+    q, k, v, w = (jnp.asarray(r.normal(size=s), jnp.float32)
+                  for s in ((b, t, h, d), (b, t, kv, d), (b, t, kv, d), (b, t, h, d)))
+    slots = jnp.broadcast_to(jnp.arange(t), (b, t))
+    seg = jnp.asarray(np.repeat([[1, 2, 3, 0]], t // 4, axis=1).repeat(b, axis=0))
+    mask = AttentionMask(slots, slots, seg, seg)
+
+    def loss(q, k, v, blocks):
+        return jnp.sum(xla_attention(q, k, v, mask, query_blocks=blocks) * w)
+
+    whole = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, 1)
+    blocked = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, 4)
+    for a, c in zip(jax.tree.leaves(blocked), jax.tree.leaves(whole), strict=True):
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_keeps_values_and_gradients(remat):
     cfg = LlamaConfig.preset("tiny")

@@ -55,6 +55,7 @@ def _final_params(out_dir: Path) -> dict[str, np.ndarray]:
         ("optim.lr=-1", r"optim\.lr: must be > 0"),
         ("optim.warmup_ratio=1.5", r"optim\.warmup_ratio: must be in \[0, 1\)"),
         ("model.remat=sometimes", r"model\.remat: expected one of"),
+        ("model.scan_unroll=0", r"model\.scan_unroll: expected true or an integer >= 1"),
         ("model.init_from=/x", r"model: set exactly one of preset, init_from"),
         ("lora.targets=[q_proj,qq_proj]", r"lora\.targets: unknown \['qq_proj'\]"),
         ("lora.rank=0", r"lora\.rank: must be >= 1"),
@@ -81,6 +82,15 @@ def test_config_file_errors(tmp_path):
     child.write_text(f"base: {DEMO}\ntrain: {{steps: 7}}\n")
     cfg = load_config(child)
     assert cfg.train.steps == 7 and cfg.lora.enabled  # composed from the base
+
+
+def test_scan_unroll_reaches_the_model():
+    from basque_jax.model.config import LlamaConfig
+    from basque_jax.train.loop import construct_model
+
+    cfg = load_config(DEMO, ["model.scan_unroll=true"])
+    assert construct_model(cfg, LlamaConfig.preset("tiny")).scan_unroll is True
+    assert construct_model(load_config(DEMO), LlamaConfig.preset("tiny")).scan_unroll == 1
 
 
 def test_impossible_mesh_is_reported():

@@ -85,18 +85,24 @@ class Linear(nnx.Module):
         self.lora_dropout: float = 0.0
 
     def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        # Leading dims flattened: the backward pass's weight gradients are then plain
+        # [tokens, in]^T @ [tokens, out] products; contracting over (batch, sequence) made
+        # XLA:CPU materialise a transposed copy of the output gradient (2x slower LoRA step).
+        lead = x.shape[:-1]
         x = x.astype(self.dtype)
-        y = x @ self.kernel[...].astype(self.dtype)
+        x2 = x.reshape(-1, x.shape[-1])
+        y = x2 @ self.kernel[...].astype(self.dtype)
         if self.lora_a is not None and self.lora_b is not None:
-            xa = x
+            xa = x2
             if dropout_key is not None and self.lora_dropout > 0.0:
                 keep = jax.random.bernoulli(dropout_key, 1.0 - self.lora_dropout, x.shape)
                 xa = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(self.dtype)
+                xa = xa.reshape(x2.shape)
             low = xa @ self.lora_a[...].astype(self.dtype)
             y = y + (low @ self.lora_b[...].astype(self.dtype)) * jnp.asarray(
                 self.lora_scale, self.dtype
             )
-        return y
+        return y.reshape(*lead, y.shape[-1])
 
 
 class RMSNorm(nnx.Module):
@@ -148,7 +154,8 @@ class Attention(nnx.Module):
             k = _write_rows(cache_kv[0], k.astype(cache_kv[0].dtype), write_start)
             v = _write_rows(cache_kv[1], v.astype(cache_kv[1].dtype), write_start)
             new_cache = (k, v)
-        out = attention(q, k, v, mask, implementation=self.attention_impl)
+        out = attention(q, k, v, mask, implementation=self.attention_impl,
+                        causal_prefix=cache_kv is None)
         out = constrain(out, ("batch", "sequence", "act_heads", "head_dim"))
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim), keys[3]), new_cache
 

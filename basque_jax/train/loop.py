@@ -86,6 +86,7 @@ def construct_model(cfg: RunConfig, config: LlamaConfig, *, attention: str | Non
     Under ``nnx.eval_shape`` this is the abstract model ``basque-jax plan`` compiles.
     """
     m = cfg.model
+    llama_kwargs.setdefault("scan_unroll", m.scan_unroll)
     model = Llama(config, param_dtype=jnp.dtype(m.param_dtype), dtype=jnp.dtype(m.dtype),
                   attention=attention or m.attention, remat=m.remat,
                   rngs=nnx.Rngs(cfg.train.seed), **llama_kwargs)
@@ -97,7 +98,8 @@ def build_model(cfg: RunConfig, mesh, rules) -> Llama:
     m = cfg.model
     if m.init_from:
         model = load_pretrained(m.init_from, dtype=m.param_dtype, compute_dtype=m.dtype,
-                                mesh=mesh, rules=rules, attention=m.attention, remat=m.remat)
+                                mesh=mesh, rules=rules, attention=m.attention, remat=m.remat,
+                                scan_unroll=m.scan_unroll)
         attach_lora(cfg, model)
     else:
         model = construct_model(cfg, LlamaConfig.preset(m.preset))
