@@ -190,6 +190,19 @@ def test_translate_prompt_and_config_errors(tmp_path):
                          "morning!<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
+@pytest.mark.parametrize("command", ["generate", "translate"])
+def test_cli_config_errors_exit_2(tmp_path, capsys, command):
+    from basque_jax.cli import main
+
+    path = tmp_path / "t.yaml"
+    path.write_text(TRANSLATE_YAML.format(out=tmp_path / "o", src=SAMPLE_CHAT, n=1))
+    assert main([command, str(tmp_path / "missing.yaml")]) == 2
+    assert f"basque-jax {command}: " in capsys.readouterr().err
+    if command == "translate":
+        assert main([command, str(path), "prompt=no placeholder"]) == 2
+        assert "must contain the placeholder" in capsys.readouterr().err
+
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "sample"
 
 

@@ -7,6 +7,7 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Callable
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
@@ -44,32 +45,30 @@ def _config_error(command: str, e: Exception) -> int:
     return 2
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
+def _run_job(command: str, args: argparse.Namespace, load: Callable, run: Callable) -> int:
+    """Load ``command``'s config (with overrides) and run it; config errors exit 2."""
     from basque_jax.data.config import ConfigError
+
+    try:
+        result = run(load(args.config, args.overrides))
+    except (ConfigError, FileNotFoundError) as e:
+        return _config_error(command, e)
+    print(f"[{command}] done: {json.dumps(result)}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
     from basque_jax.sample.config import load_generate_config
     from basque_jax.sample.magpie import run_generate
 
-    try:
-        cfg = load_generate_config(args.config, args.overrides)
-        result = run_generate(cfg)
-    except (ConfigError, FileNotFoundError) as e:
-        return _config_error("generate", e)
-    print(f"[generate] done: {json.dumps(result)}")
-    return 0
+    return _run_job("generate", args, load_generate_config, run_generate)
 
 
 def _cmd_translate(args: argparse.Namespace) -> int:
-    from basque_jax.data.config import ConfigError
     from basque_jax.sample.config import load_translate_config
     from basque_jax.sample.translate import run_translate
 
-    try:
-        cfg = load_translate_config(args.config, args.overrides)
-        result = run_translate(cfg)
-    except (ConfigError, FileNotFoundError) as e:
-        return _config_error("translate", e)
-    print(f"[translate] done: {json.dumps(result)}")
-    return 0
+    return _run_job("translate", args, load_translate_config, run_translate)
 
 
 def _cmd_filter(args: argparse.Namespace) -> int:
