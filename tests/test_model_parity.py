@@ -12,12 +12,12 @@ from transformers import LlamaForCausalLM
 from basque_jax import load_pretrained
 
 
-def _batch(vocab: int, seed: int = 1):
-    """Batch 2 × 64 tokens; the second row is right-padded after 41 tokens."""
+def _batch(vocab: int, seed: int = 1, length: int = 64):
+    """Batch 2 × ``length`` tokens; the second row is right-padded after 64% of them."""
     rng = np.random.default_rng(seed)
-    ids = rng.integers(0, vocab, size=(2, 64)).astype(np.int32)
-    mask = np.ones((2, 64), np.int32)
-    mask[1, 41:] = 0
+    ids = rng.integers(0, vocab, size=(2, length)).astype(np.int32)
+    mask = np.ones((2, length), np.int32)
+    mask[1, length * 41 // 64:] = 0
     return ids, mask
 
 
@@ -38,6 +38,20 @@ def test_float32_logits_match_transformers(hf_checkpoint, case):
     ours = np.asarray(model(jnp.asarray(ids), segment_ids=jnp.asarray(mask)))
     real = mask.astype(bool)
     assert np.abs(ref).max() > 1.0, "logits too small for a meaningful comparison"
+    np.testing.assert_array_less(np.abs(ours - ref)[real].max(), 1e-4)
+
+
+def test_long_rows_match_transformers(hf_checkpoint):
+    """512-token rows: the XLA attention runs in causal query blocks (4 of 128 here)."""
+    from basque_jax.model.attention import causal_query_blocks
+
+    assert causal_query_blocks(512) == 4
+    folder = hf_checkpoint("llama31")
+    ids, mask = _batch(HF_CASES["llama31"]["vocab_size"], seed=2, length=512)
+    ref = _hf_logits(folder, ids, mask)
+    ours = np.asarray(load_pretrained(folder, attention="xla")(
+        jnp.asarray(ids), segment_ids=jnp.asarray(mask)))
+    real = mask.astype(bool)
     np.testing.assert_array_less(np.abs(ours - ref)[real].max(), 1e-4)
 
 

@@ -16,18 +16,16 @@ def add_sample_parsers(sub: argparse._SubParsersAction) -> None:
     """Register the generate, translate and filter sub-commands."""
     from basque_jax.distributed import add_arguments as add_distributed_arguments
 
-    gen = sub.add_parser("generate", help="Magpie: synthesize instruction/response pairs with "
-                         "the instruct model (resumable JSONL shards)")
-    gen.add_argument("config", help="YAML generate config (see configs/magpie_eu.yaml)")
-    gen.add_argument("overrides", nargs="*", help="key=value overrides, e.g. num_samples=100")
-    gen.set_defaults(func=_cmd_generate)
-    add_distributed_arguments(gen)
-    tr = sub.add_parser("translate", help="translate a chat data set into Basque turn by turn "
-                        "(resumable JSONL shards)")
-    tr.add_argument("config", help="YAML translate config (see configs/translate_eu.yaml)")
-    tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. num_records=10")
-    tr.set_defaults(func=_cmd_translate)
-    add_distributed_arguments(tr)
+    for name, help_text, example, func in (
+            ("generate", "Magpie: synthesize instruction/response pairs with the instruct "
+             "model", "num_samples=100", _cmd_generate),
+            ("translate", "translate a chat data set into Basque turn by turn",
+             "num_records=10", _cmd_translate)):
+        job = sub.add_parser(name, help=f"{help_text} (resumable JSONL shards)")
+        job.add_argument("config", help=f"YAML {name} config (see configs/sample/)")
+        job.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
+        job.set_defaults(func=func)
+        add_distributed_arguments(job)
     flt = sub.add_parser("filter", help="length, repetition, language, translation-task and "
                          "(near-)duplicate filters over JSONL conversations, with a report")
     flt.add_argument("paths", nargs="+", metavar="PATH",
