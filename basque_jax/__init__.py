@@ -12,9 +12,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "KVCache": "basque_jax.model.llama",
     "Llama": "basque_jax.model.llama",
     "LlamaConfig": "basque_jax.model.config",
+    "load_model": "basque_jax.runs",
     "load_pretrained": "basque_jax.model.hf",
     "save_pretrained": "basque_jax.model.hf",
 }

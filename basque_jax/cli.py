@@ -1,10 +1,17 @@
-"""``basque-jax`` command line: one sub-command per pipeline stage."""
+"""``basque-jax`` command line: one sub-command per pipeline stage.
+
+Every command reports a user mistake (:class:`basque_jax.errors.UserError`: a config key, an
+input file, a model folder) as one line ``basque-jax COMMAND: message`` on stderr and exits
+with status 2; anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+
+from basque_jax.errors import UserError
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -14,14 +21,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from basque_jax.config import ConfigError, load_config
+    from basque_jax.config import load_config
     from basque_jax.train.loop import TrainingDiverged, run_training
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"basque-jax train: config error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
     try:
         result = run_training(cfg)
     except TrainingDiverged as e:
@@ -45,6 +48,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from basque_jax.distributed import add_arguments as add_distributed_arguments
+    from basque_jax.eval.cli import add_eval_parser
+    from basque_jax.export.cli import add_export_parser
+    from basque_jax.plan import add_plan_parser
+    from basque_jax.sample.cli import add_sample_parsers
+
     parser = argparse.ArgumentParser(prog="basque-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the end-to-end demo on an embedded tiny default")
@@ -54,40 +63,31 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML run config (see configs/)")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=10")
     train.set_defaults(func=_cmd_train)
-    from basque_jax.distributed import add_arguments as add_distributed_arguments
-
     add_distributed_arguments(train)
     info = sub.add_parser("info", help="print a model preset or HF config and its size")
     info.add_argument("model", help="preset name (e.g. llama3.1-8b) or HF folder / config.json")
     info.set_defaults(func=_cmd_info)
-    from basque_jax.eval.cli import add_eval_parser
-    from basque_jax.export.cli import add_export_parser
-
     add_export_parser(sub)
     add_eval_parser(sub)
-    from basque_jax.plan import add_plan_parser
-
     add_plan_parser(sub)
-    from basque_jax.sample.cli import add_sample_parsers
-
     add_sample_parsers(sub)
     return parser
 
 
+LOCAL_COMMANDS = ("demo", "info", "plan", "filter")  # never join a jax.distributed group
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command not in LOCAL_COMMANDS:  # multi-host: before anything touches a device
-        from basque_jax.distributed import initialize
+    try:
+        if args.command not in LOCAL_COMMANDS:  # multi-host: before anything touches a device
+            from basque_jax.distributed import initialize
 
-        try:
             initialize(args)
-        except ValueError as e:
-            print(f"basque-jax {args.command}: {e}", file=sys.stderr)
-            return 2
-    return int(args.func(args) or 0)
-
-
-LOCAL_COMMANDS = ("demo", "info", "plan", "filter")  # never join a jax.distributed group
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"basque-jax {args.command}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

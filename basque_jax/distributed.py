@@ -21,6 +21,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from basque_jax.errors import ConfigError
+
 ENV_COORDINATOR = "BASQUE_JAX_COORDINATOR"
 ENV_NUM_PROCESSES = "BASQUE_JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "BASQUE_JAX_PROCESS_ID"
@@ -67,14 +69,14 @@ def explicit_settings(args: argparse.Namespace | None = None,
         return None
     if given != set(values):
         missing = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(set(values) - given))
-        raise ValueError(f"multi-host settings are incomplete: also give {missing} (or the "
+        raise ConfigError(f"multi-host settings are incomplete: also give {missing} (or the "
                          f"{ENV_COORDINATOR} / {ENV_NUM_PROCESSES} / {ENV_PROCESS_ID} variables)")
     s = Explicit(str(values["coordinator"]), int(values["num_processes"]),
                  int(values["process_id"]))
     if ":" not in s.coordinator:
-        raise ValueError(f"coordinator {s.coordinator!r}: expected HOST:PORT")
+        raise ConfigError(f"coordinator {s.coordinator!r}: expected HOST:PORT")
     if s.num_processes < 1 or not 0 <= s.process_id < s.num_processes:
-        raise ValueError(f"process id {s.process_id} is not in [0, {s.num_processes})")
+        raise ConfigError(f"process id {s.process_id} is not in [0, {s.num_processes})")
     return s
 
 
@@ -86,7 +88,7 @@ def _int(flag: int | None, env: str | None, name: str) -> int | None:
     try:
         return int(env)
     except ValueError:
-        raise ValueError(f"${name}: expected an integer, got {env!r}") from None
+        raise ConfigError(f"${name}: expected an integer, got {env!r}") from None
 
 
 def on_cloud_tpu_vm(environ: Mapping[str, str] = os.environ, sysfs: str = "/sys/bus/pci") -> bool:

@@ -32,10 +32,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from basque_jax.config import RunConfig
+from basque_jax.errors import UserError
 from basque_jax.topology import Topology, parse_topology
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """The run cannot be planned (no topology, unknown architecture, libtpu missing, ...)."""
 
 
@@ -222,14 +223,14 @@ def plan_run(cfg: RunConfig, topology: str | None = None, *, mfu: float | None =
     train (or decode) memory of the size the compiler asked for.
     """
     import jax
-    import jax.numpy as jnp
     from flax import nnx
 
     from basque_jax.data.batch import BATCH_KEYS
     from basque_jax.model.attention import resolve_implementation
-    from basque_jax.sharding import use_sharding
+    from basque_jax.runs import construct
+    from basque_jax.sharding import batch_shards, mesh_and_rules, use_sharding
     from basque_jax.train.flops import attention_flops_per_token, train_flops_per_token
-    from basque_jax.train.loop import assemble_setup, construct_model, run_mesh
+    from basque_jax.train.setup import assemble_setup
 
     name = topology or cfg.plan.topology
     if not name:
@@ -246,19 +247,19 @@ def plan_run(cfg: RunConfig, topology: str | None = None, *, mfu: float | None =
     elif resolve_implementation(attention) in ("cudnn",):
         raise PlanError(f"model.attention {attention!r} is GPU-only; use auto/splash/xla")
     try:
-        mesh, rules = run_mesh(cfg, devices)
+        mesh, rules = mesh_and_rules(cfg.mesh, devices)
     except ValueError as e:
         raise PlanError(f"mesh on {topo.chips} chips of {name}: {e}") from None
     batch_size, seq_len = cfg.data.batch_size, cfg.data.seq_len
     def compile_train(config, unroll=1, run=cfg, options=None):
-        model = nnx.eval_shape(lambda: construct_model(run, config, attention=attention,
-                                                       scan_unroll=unroll))
+        model = nnx.eval_shape(lambda: construct(run, config, attention=attention,
+                                                 scan_unroll=unroll))
         try:
             setup = assemble_setup(run, mesh, rules, model, abstract=True)
         except ValueError as e:
             raise PlanError(f"mesh {dict(mesh.shape)} on {name}: {e}") from None
         batch = {k: jax.ShapeDtypeStruct((run.data.batch_size, seq_len), dtype,
-                                         sharding=setup.batch_sharding[k])
+                                         sharding=setup.batch_sharding)
                  for k, dtype in BATCH_KEYS.items()}
         args = (setup.state, setup.frozen, batch)
         compiled, memory = _compile(setup.step_fn.lower(*args), args, options)
@@ -278,22 +279,21 @@ def plan_run(cfg: RunConfig, topology: str | None = None, *, mfu: float | None =
                             "no FLOP count (use count_flops=False / --no-flops)")
         return _flops(compiled)
 
-    with use_sharding(mesh, rules) as ctx:
+    with use_sharding(mesh, rules):
         setup, _, train_memory = compile_train(model_config)
         s1 = s2 = 0.0
         if count_flops:
             s1, s2 = probe_flops(1), probe_flops(2)
-        rows_per_shard = setup.batch_sharding["input_ids"].shard_shape((batch_size, 1))[0]
-        decode_batch = cfg.plan.decode_batch or batch_size // rows_per_shard  # 1 row a shard
-        decode_mem = _compile_decode(setup, ctx, model_config, decode_batch, seq_len,
-                                     jnp.dtype(cfg.model.dtype)) if decode else None
+        decode_batch = cfg.plan.decode_batch or batch_shards(mesh, rules)  # 1 row a shard
+        decode_mem = decode_memory(setup, decode_batch, seq_len) if decode else None
     compiled_flops = len(devices) * micro * (s1 + (model_config.num_hidden_layers - 1)
                                              * (s2 - s1))
     n_params = model_config.num_parameters
     trainable = sum(x.size for x in jax.tree.leaves(setup.state.params))
-    lora_rank = cfg.lora.rank if setup.mode == "lora" else None
-    per_token = train_flops_per_token(model_config, seq_len, lora_rank=lora_rank,
-                                      lora_targets=cfg.lora.targets)
+    lora = setup.lora_meta  # what the model really has (a PEFT init_from sets its own rank)
+    per_token = train_flops_per_token(model_config, seq_len,
+                                      lora_rank=lora["rank"] if lora else None,
+                                      lora_targets=lora["targets"] if lora else ())
     attention_per_token = 3 * attention_flops_per_token(model_config, seq_len)
     tokens = batch_size * seq_len
     return PlanReport(
@@ -310,38 +310,15 @@ def plan_run(cfg: RunConfig, topology: str | None = None, *, mfu: float | None =
         peak_flops_per_chip=topo.chip.peak_bf16_flops)
 
 
-def _compile_decode(setup, ctx, model_config, batch: int, max_len: int, dtype) -> Memory:
-    """Compile one decode step (one new token per row against a ``max_len`` KV cache)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-    from jax.sharding import NamedSharding
+def decode_memory(setup, batch: int, max_len: int) -> Memory:
+    """Per-device memory of the sampler's decode program (what ``generate`` and ``translate``
+    run) for ``batch`` rows against a ``max_len`` cache, on the set-up's (abstract) weights."""
+    from basque_jax.sample.sampler import Sampler, SamplerConfig
 
-    from basque_jax.model.llama import KVCache
-
-    c = model_config
-    kv_shape = (c.num_hidden_layers, batch, max_len, c.num_key_value_heads, c.resolved_head_dim)
-    kv_axes = ("layers", "batch", "cache_sequence", "act_kv_heads", "head_dim")
-    kv = jax.ShapeDtypeStruct(kv_shape, dtype, sharding=ctx.sharding(kv_axes))
-    cache = KVCache(kv, kv, jax.ShapeDtypeStruct((batch, max_len), jnp.int32,
-                                                 sharding=ctx.sharding(("batch",
-                                                                        "cache_sequence"))),
-                    jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=ctx.sharding(("batch",))))
-    ids = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=ctx.sharding(("batch", None)))
-    graphdef = setup.graphdef
-
-    def decode(params, frozen, cache, ids):
-        model = nnx.merge(graphdef, params, frozen)
-        logits, new_cache = model(ids, cache=cache)
-        return logits[:, -1], new_cache
-
-    shardings = jax.tree.map(lambda x: x.sharding, (setup.state.params, setup.frozen, cache, ids))
-    fn = jax.jit(decode, in_shardings=shardings,
-                 out_shardings=(NamedSharding(ctx.mesh, ctx.spec(("batch", "act_vocab"))),
-                                shardings[2]),
-                 donate_argnums=(2,))
-    args = (setup.state.params, setup.frozen, cache, ids)
-    return _compile(fn.lower(*args), args)[1]
+    sampler = Sampler(None, SamplerConfig(batch_size=batch, max_len=max_len, unstack=False),
+                      graphdef=setup.graphdef, params=(setup.state.params, setup.frozen),
+                      mesh=setup.mesh, rules=setup.rules)
+    return _compile(*sampler.lower_decode())[1]
 
 
 # ----------------------------------------------------------------------------- report
@@ -408,19 +385,14 @@ def add_plan_parser(sub) -> None:
 
 
 def _cmd_plan(args) -> int:
-    import sys
     from pathlib import Path
 
     from basque_jax.config import ConfigError, load_config
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if args.mfu is not None and not 0 < args.mfu <= 1:
-            raise ConfigError(f"--mfu: must be in (0, 1], got {args.mfu}")
-        report = plan_run(cfg, args.topology, mfu=args.mfu, decode=not args.no_decode,
-                          count_flops=not args.no_flops, config_name=Path(args.config).stem)
-    except (ConfigError, PlanError) as e:
-        print(f"basque-jax plan: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
+    if args.mfu is not None and not 0 < args.mfu <= 1:
+        raise ConfigError(f"--mfu: must be in (0, 1], got {args.mfu}")
+    report = plan_run(cfg, args.topology, mfu=args.mfu, decode=not args.no_decode,
+                      count_flops=not args.no_flops, config_name=Path(args.config).stem)
     print(json.dumps(report.to_dict()) if args.json else format_report(report))
     return 0 if report.fits else 1

@@ -16,7 +16,7 @@ import contextlib
 import contextvars
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -24,6 +24,8 @@ import numpy as np
 from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from basque_jax.errors import ConfigError
 
 if TYPE_CHECKING:
     from basque_jax.model.config import LlamaConfig
@@ -99,7 +101,7 @@ def logical_to_spec(
             axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
         for a in axes:
             if a in used:
-                raise ValueError(
+                raise ConfigError(
                     f"mesh axis {a!r} used by both logical axes {used[a]!r} and {name!r} "
                     f"in {tuple(logical_axes)}"
                 )
@@ -147,7 +149,8 @@ MESH_AXES = ("dcn", "data", "fsdp", "tensor")
 
 @dataclass(frozen=True)
 class MeshConfig:
-    """Mesh axis sizes; ``-1`` (at most one) means "the devices left over".
+    """The ``mesh:`` section: axis sizes (``-1``, at most one: the devices left over) and
+    overrides of the logical-axis table (``rules``, see :data:`DEFAULT_RULES`).
 
     ``dcn`` is the data-parallel axis across slices (multi-slice TPU, over the data-centre
     network); ``data``, ``fsdp`` and ``tensor`` run inside a slice over ICI.
@@ -157,27 +160,38 @@ class MeshConfig:
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    rules: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for axis in MESH_AXES:
+            size = getattr(self, axis)
+            if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
+                raise ConfigError(f"mesh.{axis}: size must be a positive integer or -1, "
+                                  f"got {size!r}")
+        rest = [a for a in MESH_AXES if getattr(self, a) == -1]
+        if len(rest) > 1:
+            raise ConfigError(f"mesh: only one axis may be -1, got {' and '.join(rest)}")
+        rules_with_overrides(self.rules)
+
+    @property
+    def rule_table(self) -> dict[str, MeshAxes]:
+        """:data:`DEFAULT_RULES` with this config's ``rules`` applied."""
+        return rules_with_overrides(self.rules)
 
     def sizes(self, num_devices: int) -> dict[str, int]:
-        """Every axis size resolved for ``num_devices`` devices; ValueError if impossible."""
+        """Every axis size resolved for ``num_devices`` devices; ConfigError if impossible."""
         sizes = {a: getattr(self, a) for a in MESH_AXES}
-        for axis, size in sizes.items():
-            if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
-                raise ValueError(f"mesh.{axis}: size must be a positive integer or -1, "
-                                 f"got {size!r}")
         rest = [a for a, s in sizes.items() if s == -1]
-        if len(rest) > 1:
-            raise ValueError(f"mesh: only one axis may be -1, got {' and '.join(rest)}")
         fixed = math.prod(s for s in sizes.values() if s != -1)
         shape = " × ".join(f"{a}={s}" for a, s in sizes.items())
         if rest:
             if num_devices % fixed:
-                raise ValueError(f"mesh {shape}: the fixed axes multiply to {fixed}, which does "
-                                 f"not divide the {num_devices} devices")
+                raise ConfigError(f"mesh {shape}: the fixed axes multiply to {fixed}, which "
+                                  f"does not divide the {num_devices} devices")
             sizes[rest[0]] = num_devices // fixed
         elif fixed != num_devices:
-            raise ValueError(f"mesh {shape} has {fixed} devices but {num_devices} are "
-                             "available; sizes must multiply to the device count (or use -1)")
+            raise ConfigError(f"mesh {shape} has {fixed} devices but {num_devices} are "
+                              "available; sizes must multiply to the device count (or use -1)")
         return sizes
 
 
@@ -194,7 +208,7 @@ def device_grid(cfg: MeshConfig, devices: Sequence | None = None) -> np.ndarray:
     slices = {getattr(d, "slice_index", 0) for d in devices}
     if len(slices) > 1:
         if sizes["dcn"] != len(slices):
-            raise ValueError(f"the devices span {len(slices)} slices but mesh.dcn is "
+            raise ConfigError(f"the devices span {len(slices)} slices but mesh.dcn is "
                              f"{sizes['dcn']}; set mesh.dcn={len(slices)}")
         return mesh_utils.create_hybrid_device_mesh(
             (1, *shape[1:]), (sizes["dcn"], 1, 1, 1), devices, allow_split_physical_axes=True)
@@ -206,17 +220,37 @@ def make_mesh(cfg: MeshConfig, devices: Sequence | None = None) -> Mesh:
     return Mesh(device_grid(cfg, devices), MESH_AXES, axis_types=(AxisType.Auto,) * 4)
 
 
-def _names(axes: MeshAxes) -> tuple[str, ...]:
+def mesh_and_rules(cfg: MeshConfig, devices: Sequence | None = None
+                   ) -> tuple[Mesh, dict[str, MeshAxes]]:
+    """The mesh of ``cfg`` over ``devices`` (default: all) and its logical-axis table."""
+    return make_mesh(cfg, devices), cfg.rule_table
+
+
+def axis_names(axes: MeshAxes) -> tuple[str, ...]:
+    """A rule's mesh axes as a tuple (``"fsdp"`` -> ``("fsdp",)``, None -> ``()``)."""
     return (axes,) if isinstance(axes, str) else tuple(axes or ())
 
 
-def _mesh_size(mesh: Mesh, axes: MeshAxes) -> int:
-    return math.prod(mesh.shape.get(a, 1) for a in _names(axes))
+def mesh_size(mesh: Mesh, axes: MeshAxes) -> int:
+    """Devices along ``axes`` of ``mesh`` (1 for axes the mesh lacks)."""
+    return math.prod(mesh.shape.get(a, 1) for a in axis_names(axes))
+
+
+def batch_sharding(mesh: Mesh, rules: Mapping[str, MeshAxes] | None = None) -> NamedSharding:
+    """How ``[batch, sequence]`` input arrays are laid out: rows over the axes the table maps
+    ``batch`` to (the only place input batches get their sharding from)."""
+    table = DEFAULT_RULES if rules is None else rules
+    return NamedSharding(mesh, logical_to_spec(("batch", "sequence"), table, mesh))
+
+
+def batch_shards(mesh: Mesh, rules: Mapping[str, MeshAxes] | None = None) -> int:
+    """How many shards the batch dimension is split into on ``mesh``."""
+    return mesh_size(mesh, (DEFAULT_RULES if rules is None else rules).get("batch"))
 
 
 def validate_mesh(mesh: Mesh, config: LlamaConfig, global_batch_size: int,
                   rules: Mapping[str, MeshAxes] | None = None) -> None:
-    """ValueError, naming the numbers, if ``config`` or the batch cannot be split on ``mesh``.
+    """ConfigError, naming the numbers, if ``config`` or the batch cannot be split on ``mesh``.
 
     Checks attention heads and KV heads against the ``tensor`` axis (whole heads per device),
     every sharded parameter dimension against its mesh axes under ``rules``, and the global batch
@@ -227,24 +261,24 @@ def validate_mesh(mesh: Mesh, config: LlamaConfig, global_batch_size: int,
     for what, n in (("attention heads", config.num_attention_heads),
                     ("KV heads", config.num_key_value_heads)):
         if n % tensor:
-            raise ValueError(f"{n} {what} are not divisible by the tensor axis size {tensor}")
+            raise ConfigError(f"{n} {what} are not divisible by the tensor axis size {tensor}")
     dims = {"vocab": ("vocab_size", config.vocab_size),
             "embed": ("hidden_size", config.hidden_size),
             "mlp": ("intermediate_size", config.intermediate_size),
             "heads": ("num_attention_heads", config.num_attention_heads),
             "kv_heads": ("num_key_value_heads", config.num_key_value_heads),
             "layers": ("num_hidden_layers", config.num_hidden_layers)}
-    for axis, (field, n) in dims.items():
-        size = _mesh_size(mesh, table.get(axis))
+    for axis, (key, n) in dims.items():
+        size = mesh_size(mesh, table.get(axis))
         if n % size:
-            raise ValueError(f"{field}={n} is not divisible by {size}, the size of mesh axes "
-                             f"{table.get(axis)!r} that shard logical axis {axis!r}")
-    batch_axes = _names(table.get("batch"))
-    size = _mesh_size(mesh, batch_axes)
+            raise ConfigError(f"{key}={n} is not divisible by {size}, the size of mesh axes "
+                              f"{table.get(axis)!r} that shard logical axis {axis!r}")
+    batch_axes = axis_names(table.get("batch"))
+    size = mesh_size(mesh, batch_axes)
     if global_batch_size % size:
         parts = " × ".join(f"{a}={mesh.shape.get(a, 1)}" for a in batch_axes)
-        raise ValueError(f"global batch size {global_batch_size} is not divisible by {size}, "
-                         f"the batch-sharding mesh axes ({parts})")
+        raise ConfigError(f"global batch size {global_batch_size} is not divisible by {size}, "
+                          f"the batch-sharding mesh axes ({parts})")
 
 
 def rules_with_overrides(overrides: Mapping[str, Any]) -> dict[str, MeshAxes]:
@@ -255,12 +289,12 @@ def rules_with_overrides(overrides: Mapping[str, Any]) -> dict[str, MeshAxes]:
     rules = dict(DEFAULT_RULES)
     for key, value in overrides.items():
         if key not in LOGICAL_AXES:
-            raise ValueError(f"mesh.rules.{key}: unknown logical axis; known: "
+            raise ConfigError(f"mesh.rules.{key}: unknown logical axis; known: "
                              f"{', '.join(LOGICAL_AXES)}")
         names = [value] if isinstance(value, str) else value
         if value is not None and (not isinstance(names, list | tuple)
                                   or any(n not in MESH_AXES for n in names)):
-            raise ValueError(f"mesh.rules.{key}: expected a mesh axis of {MESH_AXES}, a list "
+            raise ConfigError(f"mesh.rules.{key}: expected a mesh axis of {MESH_AXES}, a list "
                              f"of them, or null; got {value!r}")
         rules[key] = value if value is None or isinstance(value, str) else tuple(value)
     return rules
@@ -310,3 +344,11 @@ def place(value: Any, sharding: NamedSharding) -> jax.Array:
         host = np.asarray(jax.device_get(value))
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
     return jax.device_put(value, sharding)
+
+
+def abstract_state(state: Any, mesh: Mesh, rules: Mapping[str, MeshAxes] | None = None) -> Any:
+    """``ShapeDtypeStruct`` s of an abstract (``nnx.eval_shape``) state, each carrying the
+    sharding its logical axes give on ``mesh`` (targets for restoring or AOT compiling)."""
+    shardings = param_shardings(state, mesh, rules)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        state, shardings)

@@ -32,6 +32,8 @@ CHIPS: dict[str, Chip] = {
     "v6e": Chip("v6e", 32 * GiB, 918e12, 1, 2, "v2-alpha-tpuv6e"),
 }
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "v5": "v5p"}
+# Dense bf16 peak FLOP/s of the GPUs people run the framework on (NVIDIA's data sheets, SXM).
+GPU_PEAK_BF16 = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "b200": 2250e12}
 
 # Default physical shapes by chip count (what `gcloud ... --accelerator-type` slices use).
 SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8),
@@ -39,6 +41,37 @@ SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8)
 SHAPES_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4),
              128: (4, 4, 8), 256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16),
              2048: (8, 16, 16), 4096: (16, 16, 16)}
+
+
+def chip_of_device_kind(kind: str) -> Chip | None:
+    """The TPU generation of a ``jax.Device.device_kind`` ("TPU v4", "TPU v5 lite" = v5e,
+    "TPU v5" / "TPU v5p" = v5p, "TPU v6 lite" / "TPU v6e" = v6e); None for other devices."""
+    k = kind.lower()
+    if "tpu" not in k:
+        return None
+    if "v6" in k:
+        return CHIPS["v6e"]
+    if "v5" in k:
+        return CHIPS["v5e"] if ("lite" in k or "v5e" in k) else CHIPS["v5p"]
+    if "v4" in k:
+        return CHIPS["v4"]
+    return None
+
+
+def peak_flops(device_kind: str) -> float | None:
+    """Dense bf16 peak FLOP/s of one device of this kind (TPU chips and common GPUs)."""
+    chip = chip_of_device_kind(device_kind)
+    if chip is not None:
+        return chip.peak_bf16_flops
+    k = device_kind.lower()
+    return next((v for key, v in GPU_PEAK_BF16.items() if key in k), None)
+
+
+def peak_flops_per_device() -> float | None:
+    """:func:`peak_flops` of the local accelerator (None on CPU), for MFU."""
+    import jax
+
+    return peak_flops(jax.devices()[0].device_kind)
 
 
 @dataclass(frozen=True)

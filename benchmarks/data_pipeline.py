@@ -26,7 +26,7 @@ SHARED = ROOT.parent / "shared" / "data"
 
 def data_setup(args) -> tuple[object, object, str]:
     from basque_jax.data import DataConfig, build_demo_tokenizer, load_tokenizer
-    from basque_jax.data.sample import SAMPLE_CHAT, SAMPLE_CORPUS
+    from basque_jax.data.embedded import EMBEDDED_CHAT, EMBEDDED_CORPUS
 
     common = {
         "seq_len": args.seq_len,
@@ -43,8 +43,8 @@ def data_setup(args) -> tuple[object, object, str]:
         tok, data = load_tokenizer(tok_file), "shared: bhtc_news_train + truthfulqa_eu_chat"
     else:
         sources = [
-            {"kind": "corpus", "path": str(SAMPLE_CORPUS)},
-            {"kind": "chat", "path": str(SAMPLE_CHAT)},
+            {"kind": "corpus", "path": str(EMBEDDED_CORPUS)},
+            {"kind": "chat", "path": str(EMBEDDED_CHAT)},
         ]
         tok, data = build_demo_tokenizer(), "embedded sample (demo tokenizer)"
     return DataConfig.from_dict({"sources": sources, **common}), tok, data

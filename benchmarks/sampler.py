@@ -97,11 +97,12 @@ def bench_batch(model, hf, b: int, args) -> dict[str, Any]:
     import torch
 
     from basque_jax.sample import Sampler, SamplingParams
+    from basque_jax.sample.sampler import SamplerConfig
 
     n_new, plen = args.new_tokens, args.prompt_len
     prompts = np.random.default_rng(b).integers(0, model.config.vocab_size, (b, plen))
     params = SamplingParams(temperature=0.0, max_new_tokens=n_new)
-    sampler = Sampler(model, batch_size=b, max_len=plen + n_new)
+    sampler = Sampler(model, SamplerConfig(batch_size=b, max_len=plen + n_new))
     ids = torch.tensor(prompts, dtype=torch.long)
     mask = torch.ones_like(ids)
 

@@ -52,7 +52,7 @@ def ours(args, batch_np) -> float:
 
     from basque_jax.config import RunConfig
     from basque_jax.sharding import use_sharding
-    from basque_jax.train.loop import setup_training
+    from basque_jax.train.setup import setup_training
 
     cfg = RunConfig.from_dict({
         "model": {"preset": "bench", "attention": "xla", "remat": args.remat,

@@ -136,8 +136,8 @@ def test_plan_section_is_validated():
 
 def test_training_stops_and_saves_when_the_epochs_run_out(tmp_path, monkeypatch, capsys):
     """An over-estimated token budget: the data ends first, the run stops there and saves."""
+    from basque_jax.checkpoint import Checkpointer
     from basque_jax.model import config as model_config
-    from basque_jax.train.checkpoint import Checkpointer
     from basque_jax.train.loop import run_training
 
     tiny = model_config.LlamaConfig.preset("demo").replace(hidden_size=64, intermediate_size=128,
@@ -146,7 +146,7 @@ def test_training_stops_and_saves_when_the_epochs_run_out(tmp_path, monkeypatch,
     (tmp_path / "run.yaml").write_text(
         "model: {preset: tiny-demo}\n"
         "data:\n  tokenizer: demo\n  seq_len: 128\n  batch_size: 8\n  epochs: 1\n"
-        "  sources: [{kind: corpus, path: '@sample/eu_sample_corpus.jsonl', max_records: 30}]\n"
+        "  sources: [{kind: corpus, path: '@embedded/eu_sample_corpus.jsonl', max_records: 30}]\n"
         "train: {epoch_tokens: 100000000, progress_bar: false, tensorboard: false}\n")
     cfg = load_config(tmp_path / "run.yaml", [f"train.output_dir={tmp_path}"])
     assert cfg.train.steps == math.ceil(1e8 / (8 * 128))

@@ -9,6 +9,7 @@ from basque_jax.data.config import DataConfig
 from basque_jax.data.demo_tokenizer import build_demo_tokenizer
 from basque_jax.data.pipeline import make_pipeline, pipeline_stats, pipeline_summary
 from basque_jax.data.stats import CHECK_AFTER, DataError
+from basque_jax.errors import InputNotFound
 
 GOOD_DOC = {"text": "Kaixo mundua, zer moduz?"}
 GOOD_CHAT = {"messages": [{"role": "user", "content": "Zer da hau?"},
@@ -122,7 +123,7 @@ def test_source_of_only_over_long_conversations_fails_at_start(tmp_path, tok):
 
 def test_missing_file_is_an_error(tmp_path, tok):
     cfg = config({"kind": "corpus", "path": str(tmp_path / "gone.jsonl"), "name": "gone"})
-    with pytest.raises(FileNotFoundError, match=r"source gone: no file matches .*gone.jsonl"):
+    with pytest.raises(InputNotFound, match=r"source gone: no file matches .*gone.jsonl"):
         make_pipeline(cfg, tok)
 
 

@@ -10,7 +10,7 @@ from _data_utils import JINJA, TQA_CHAT, need
 
 from basque_jax.data.chat import ChatEncoder
 from basque_jax.data.demo_tokenizer import build_demo_tokenizer
-from basque_jax.data.sample import SAMPLE_CHAT
+from basque_jax.data.embedded import EMBEDDED_CHAT
 
 SYSTEM = "  Euskaraz erantzun, labur eta zehatz.  "
 
@@ -61,7 +61,7 @@ def test_llama31_template_matches_transformers_on_truthfulqa():
 def test_llama31_template_matches_transformers_on_embedded_sample(tmp_path):
     need(JINJA)
     tok = build_demo_tokenizer(tmp_path)
-    convs = [c for c in conversations(SAMPLE_CHAT) if "<|" not in json.dumps(c)]
+    convs = [c for c in conversations(EMBEDDED_CHAT) if "<|" not in json.dumps(c)]
     assert check_against_hf(tok, convs, JINJA.read_text()) > 50
 
 

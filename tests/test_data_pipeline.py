@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
+import grain
 import numpy as np
 import pytest
 from _data_utils import BHTC, TQA_CHAT, llama_tokenizer, need, segments_of, write_jsonl
@@ -11,11 +13,11 @@ from _data_utils import BHTC, TQA_CHAT, llama_tokenizer, need, segments_of, writ
 from basque_jax.data.batch import check_batch, make_global_batch
 from basque_jax.data.config import DataConfig
 from basque_jax.data.demo_tokenizer import build_demo_tokenizer
+from basque_jax.data.embedded import EMBEDDED_CHAT, EMBEDDED_CORPUS, embedded_data_config
 from basque_jax.data.examples import RecordProcessor
 from basque_jax.data.mixture import mix_random_access, open_sources
 from basque_jax.data.pipeline import make_pipeline, pipeline_stats
-from basque_jax.data.sample import SAMPLE_CHAT, SAMPLE_CORPUS, sample_data_config
-from basque_jax.data.state import restore_args, restore_state, save_args, state_to_bytes
+from basque_jax.sharding import batch_sharding
 
 
 def real_config(subset: bool = True, **kw) -> DataConfig:
@@ -97,7 +99,7 @@ def test_worker_processes_resume_with_identical_batches():
     it = make_pipeline(cfg, tok)
     try:
         take(it, 3)
-        saved = state_to_bytes(it)
+        saved = json.dumps(it.get_state()).encode()
         expected = take(it, 4)
         stats = pipeline_stats(it)
         assert stats["bhtc"]["records"] > 0 and stats["tqa"]["records"] > 0
@@ -105,14 +107,14 @@ def test_worker_processes_resume_with_identical_batches():
         it.close()
     resumed = make_pipeline(cfg, tok)
     try:
-        restore_state(resumed, saved)
+        resumed.set_state(json.loads(saved))
         assert same(take(resumed, 4), expected)
     finally:
         resumed.close()
 
 
 def sample_cfg(**kw) -> DataConfig:
-    return sample_data_config(**{"seq_len": 128, "batch_size": 2, "epochs": 2, **kw})
+    return embedded_data_config(**{"seq_len": 128, "batch_size": 2, "epochs": 2, **kw})
 
 
 @pytest.mark.parametrize("at", [0, 1, 5, 17])
@@ -122,9 +124,9 @@ def test_resume_in_process_at_any_step_across_epochs(demo, at):
     assert len(full) > 20
     it = make_pipeline(cfg, demo)
     take(it, at)
-    saved = state_to_bytes(it)
+    saved = json.dumps(it.get_state()).encode()
     resumed = make_pipeline(cfg, demo)
-    restore_state(resumed, saved)
+    resumed.set_state(json.loads(saved))
     assert same(list(resumed), full[at:])
 
 
@@ -135,11 +137,11 @@ def test_orbax_checkpoint_roundtrip(tmp_path, demo):
     it = make_pipeline(cfg, demo)
     take(it, 3)
     with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data",)) as mngr:
-        mngr.save(3, args=ocp.args.Composite(data=save_args(it)))
+        mngr.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
         mngr.wait_until_finished()
         expected = take(it, 3)
         fresh = make_pipeline(cfg, demo)
-        mngr.restore(3, args=ocp.args.Composite(data=restore_args(fresh)))
+        mngr.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
     assert same(take(fresh, 3), expected)
 
 
@@ -158,12 +160,12 @@ def test_concat_mixture_is_a_shuffled_epoch_of_everything(demo):
 
 
 def test_weighted_mixture_follows_weights(demo):
-    cfg = sample_data_config(
+    cfg = embedded_data_config(
         mixture="weighted",
         epochs=None,
         sources=[
-            {"kind": "corpus", "path": str(SAMPLE_CORPUS), "name": "c", "weight": 3.0},
-            {"kind": "chat", "path": str(SAMPLE_CHAT), "name": "h", "weight": 1.0},
+            {"kind": "corpus", "path": str(EMBEDDED_CORPUS), "name": "c", "weight": 3.0},
+            {"kind": "chat", "path": str(EMBEDDED_CHAT), "name": "h", "weight": 1.0},
         ],
     )
     ordered = [open_sources(cfg)[s.name] for s in cfg.sources]
@@ -184,15 +186,15 @@ def test_streaming_hub_source_in_weighted_mixture_resumes(tmp_path, demo):
         sources=[
             {"kind": "corpus", "hf_dataset": "json", "data_files": str(path), "streaming": True,
              "name": "stream", "weight": 1.0},
-            {"kind": "chat", "path": str(SAMPLE_CHAT), "name": "chat", "weight": 1.0},
+            {"kind": "chat", "path": str(EMBEDDED_CHAT), "name": "chat", "weight": 1.0},
         ],
     )
     it = make_pipeline(cfg, demo)
     take(it, 2)
-    saved = state_to_bytes(it)
+    saved = json.dumps(it.get_state()).encode()
     expected = take(it, 5)
     resumed = make_pipeline(cfg, demo)
-    restore_state(resumed, saved)
+    resumed.set_state(json.loads(saved))
     assert same(take(resumed, 5), expected)
     assert pipeline_stats(it)["stream"]["valid"] > 0
     with pytest.raises(Exception, match="mixture 'weighted'"):
@@ -207,7 +209,7 @@ def test_global_batch_is_sharded_over_batch_axes(demo):
         pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
     local = next(iter(make_pipeline(sample_cfg(batch_size=8), demo)))
     mesh = jax.make_mesh((4, 2), ("data", "tensor"))
-    arrays = make_global_batch(local, mesh)
+    arrays = make_global_batch(local, batch_sharding(mesh))
     for k, v in local.items():
         a = arrays[k]
         assert a.shape == v.shape and a.dtype == v.dtype
@@ -217,7 +219,7 @@ def test_global_batch_is_sharded_over_batch_axes(demo):
 
 
 def test_embedded_sample_runs_offline(demo):
-    it = make_pipeline(sample_data_config(), demo)
+    it = make_pipeline(embedded_data_config(), demo)
     for b in take(it, 5):
         check_batch(b, 256)
         assert b["loss_mask"].sum() > 0

@@ -13,12 +13,10 @@ from _data_utils import write_jsonl
 
 from basque_jax.data.config import SourceConfig
 from basque_jax.data.formats import parse_record
-from basque_jax.data.sources import (
-    HubStreamIterDataset,
-    open_random_access,
-    write_array_record,
-)
+from basque_jax.data.hub import HubStreamIterDataset
+from basque_jax.data.sources import open_random_access, write_array_record
 from basque_jax.data.stats import DataError
+from basque_jax.errors import InputNotFound, MissingDependency
 
 DOCS = [{"text": f"Dokumentu {i}. Kaixo mundua."} for i in range(7)]
 
@@ -82,9 +80,9 @@ def test_array_record(tmp_path):
 
 
 def test_missing_file_and_unknown_extension(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"source .*no file matches"):
+    with pytest.raises(InputNotFound, match=r"source .*no file matches"):
         open_random_access(SourceConfig(kind="corpus", path=str(tmp_path / "nope.jsonl")))
-    with pytest.raises(FileNotFoundError, match="no file matches"):
+    with pytest.raises(InputNotFound, match="no file matches"):
         open_random_access(SourceConfig(kind="corpus", path=str(tmp_path / "*.jsonl")))
     (tmp_path / "d.xyz").write_text("x")
     with pytest.raises(DataError, match="set `format:`"):
@@ -103,7 +101,7 @@ def test_fsspec_url(tmp_path):
         assert got == [d["text"] for d in DOCS]
     finally:
         fs.rm("/bucket", recursive=True)
-    with pytest.raises(ImportError, match="fsspec filesystem"):
+    with pytest.raises(MissingDependency, match="fsspec filesystem"):
         open_random_access(SourceConfig(kind="corpus", path="nosuchproto://b/x.jsonl"))
 
 

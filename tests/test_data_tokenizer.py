@@ -15,6 +15,7 @@ from basque_jax.data.tokenizer import (
     LLAMA31_SPECIAL_TOKENS,
     load_tokenizer,
 )
+from basque_jax.errors import InputNotFound
 
 TRICKY = "Kaixo <|eot_id|> mundua <|begin_of_text|><|start_header_id|>user<|end_header_id|>"
 
@@ -98,7 +99,7 @@ def test_demo_tokenizer_saved_as_hf_folder_loads_back(tmp_path, demo):
 
 
 def test_load_tokenizer_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="tokenizer not found"):
+    with pytest.raises(InputNotFound, match="tokenizer not found"):
         load_tokenizer(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="no tokenizer.json or tokenizer.model"):
+    with pytest.raises(InputNotFound, match="no tokenizer.json or tokenizer.model"):
         load_tokenizer(tmp_path)

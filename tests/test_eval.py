@@ -14,9 +14,8 @@ from _data_utils import JINJA, SHARED_DATA, need, write_jsonl
 from _model_utils import make_tiny_hf
 
 from basque_jax.cli import main
-from basque_jax.data.sample import SAMPLE_CORPUS
+from basque_jax.data.embedded import EMBEDDED_CORPUS
 from basque_jax.data.tokenizer import load_tokenizer
-from basque_jax.eval.loading import load_eval_model
 from basque_jax.eval.multiple_choice import (
     MCDataError,
     MCItem,
@@ -26,6 +25,7 @@ from basque_jax.eval.multiple_choice import (
     read_mc_jsonl,
 )
 from basque_jax.eval.perplexity import evaluate_perplexity, perplexity_data
+from basque_jax.runs import load_model
 
 TQA = SHARED_DATA / "eu" / "truthfulqa_eu_mc1.jsonl"
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def tiny(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def em(tiny):
-    return load_eval_model(tiny)  # sharded over the 8 CPU devices (fsdp)
+    return load_model(tiny)  # sharded over the 8 CPU devices (fsdp)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +124,7 @@ def test_metrics_follow_lm_eval_definitions():
 def test_perplexity_matches_transformers(em, hf, tmp_path):
     model, _ = hf
     tok = load_tokenizer("demo")
-    corpus = [json.loads(line)["text"] for line in SAMPLE_CORPUS.read_text().splitlines()]
+    corpus = [json.loads(line)["text"] for line in EMBEDDED_CORPUS.read_text().splitlines()]
     texts = [t for t in corpus if len(tok.encode(t)) < 120][:6]
     assert len(texts) == 6
     path = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in texts])
@@ -195,12 +195,13 @@ def test_eval_cli_errors(hf_checkpoint, tiny, tmp_path, capsys):
     mc = write_jsonl(tmp_path / "mc.jsonl", [{"question": "q", "choices": ["a", "b"],
                                               "answer": 0}])
     fails(tiny, match="nothing to do; pass --perplexity and/or --mc")
-    fails(hf_checkpoint("llama31"), "--mc", mc, match="no tokenizer files; pass --tokenizer")
+    fails(hf_checkpoint("llama31"), "--mc", mc,
+          match="no tokenizer files found with the model; give one")
     fails(hf_checkpoint("llama31"), "--mc", mc, "--tokenizer", "demo",
           match="has 1272 tokens, more than the model's vocab_size 256")
     fails(tiny, "--perplexity", match="--perplexity without files needs a run config")
     fails(tiny, "--mc", tmp_path / "missing.jsonl", match="missing.jsonl: file not found")
-    fails(tmp_path / "nowhere", "--mc", mc, match="SOURCE does not exist")
+    fails(tmp_path / "nowhere", "--mc", mc, match="nowhere: does not exist")
     with pytest.raises(ValueError, match="num_fewshot=3 but only 0 other items"):
         evaluate_multiple_choice(None, load_tokenizer("demo"), read_mc_jsonl(mc),
                                  num_fewshot=3)

@@ -25,14 +25,15 @@ from basque_jax.export import ExportError, SourceError, export, resolve_source
 from basque_jax.model.config import LlamaConfig
 from basque_jax.model.hf import param_shapes, write_pretrained
 from basque_jax.model.peft_io import AdapterError, load_peft_adapter, read_peft_adapter
-from basque_jax.train.loop import restore_model, run_training
+from basque_jax.runs import load_model
+from basque_jax.train.loop import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
 SMALL = ["data.seq_len=128", "data.batch_size=8", "train.progress_bar=false",
          "train.tensorboard=false", "eval_data=null", "train.eval_every=0", "train.save_every=0",
          "optim.lr=3e-2", "optim.warmup_ratio=0.0", "train.steps=3",
-         'data.sources=[{kind: corpus, path: "@sample/eu_sample_corpus.jsonl"}]']
+         'data.sources=[{kind: corpus, path: "@embedded/eu_sample_corpus.jsonl"}]']
 LORA = ["lora.enabled=true", "lora.rank=4", "lora.alpha=8", "lora.use_rslora=true"]
 IDS = np.random.default_rng(0).integers(0, 1272, size=(2, 24))
 
@@ -42,7 +43,7 @@ def _cfg(out: Path, *extra: str):
 
 
 def _ours(cfg, step=None) -> np.ndarray:
-    model = restore_model(cfg, step)
+    model = load_model(cfg.train.output_dir, step=step).model
     return np.asarray(model(jnp.asarray(IDS)))
 
 
@@ -314,7 +315,7 @@ def test_error_cases(runs, hf_checkpoint, tmp_path, capsys):
     assert _cli(src, out, "--overwrite") == 0
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
 
-    fails(tmp_path / "nowhere", tmp_path / "o1", match="SOURCE does not exist")
+    fails(tmp_path / "nowhere", tmp_path / "o1", match="nowhere: does not exist")
     (tmp_path / "neither").mkdir()
     fails(tmp_path / "neither", tmp_path / "o1", match="neither a training output directory")
     (tmp_path / "empty_run" / "checkpoints").mkdir(parents=True)
@@ -356,7 +357,7 @@ def test_python_api_errors(hf_checkpoint, tmp_path):
         export(hf_checkpoint("llama31"), tmp_path / "x", mode="gguf")
     with pytest.raises(ExportError, match="--dtype 'int8'"):
         export(hf_checkpoint("llama31"), tmp_path / "x", dtype="int8")
-    with pytest.raises(SourceError, match="SOURCE does not exist"):
+    with pytest.raises(SourceError, match="missing: does not exist"):
         resolve_source(tmp_path / "missing")
     from basque_jax.config import ConfigError
 

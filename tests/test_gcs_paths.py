@@ -9,7 +9,7 @@ import json
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
-from basque_jax.train.checkpoint import Checkpointer
+from basque_jax.checkpoint import Checkpointer
 from basque_jax.train.metrics import MetricsWriter
 
 

@@ -15,6 +15,7 @@ from safetensors.torch import save_file as torch_save_file
 from transformers import LlamaForCausalLM
 
 from basque_jax import load_pretrained, save_pretrained
+from basque_jax.errors import InputNotFound
 from basque_jax.model.config import ConfigError
 from basque_jax.model.hf import CheckpointError
 
@@ -78,9 +79,9 @@ def _rewrite(folder, mutate):
 
 
 def test_missing_folder_and_config(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope"):
+    with pytest.raises(InputNotFound, match="nope"):
         load_pretrained(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(InputNotFound, match="config.json"):
         load_pretrained(tmp_path)
 
 

@@ -245,12 +245,12 @@ def test_metadata_round_trip():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(targets=("q_proj", "qkv_proj")), r"unknown LoRA targets \['qkv_proj'\]"),
-    (dict(targets=()), "LoRA targets are empty"),
-    (dict(targets=("q_proj", "q_proj")), "duplicate LoRA targets"),
-    (dict(rank=0), "LoRA rank must be a positive integer, got 0"),
-    (dict(alpha=0.0), "LoRA alpha must be > 0, got 0.0"),
-    (dict(dropout=1.0), r"LoRA dropout must be in \[0, 1\), got 1.0"),
+    (dict(targets=("q_proj", "qkv_proj")), r"lora.targets: unknown \['qkv_proj'\]"),
+    (dict(targets=()), "lora.targets: unknown empty list"),
+    (dict(targets=("q_proj", "q_proj")), "lora.targets: duplicate targets"),
+    (dict(rank=0), "lora.rank: must be a positive integer, got 0"),
+    (dict(alpha=0.0), "lora.alpha: must be > 0, got 0.0"),
+    (dict(dropout=1.0), r"lora.dropout: must be in \[0, 1\), got 1.0"),
 ])
 def test_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):

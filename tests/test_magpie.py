@@ -14,7 +14,7 @@ import pytest
 from conftest import SHARED_DATA
 
 from basque_jax.data.config import ConfigError
-from basque_jax.data.sample import SAMPLE_CHAT
+from basque_jax.data.embedded import EMBEDDED_CHAT
 from basque_jax.data.tokenizer import load_tokenizer
 from basque_jax.sample.config import load_generate_config, load_translate_config
 from basque_jax.sample.magpie import pre_query_ids
@@ -73,12 +73,12 @@ def test_defaults_are_magpies(tmp_path):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("instruction.top_p=0", r"config\.instruction: top_p must be in \(0, 1\]"),
+    ("instruction.top_p=0", r"instruction: top_p must be in \(0, 1\]"),
     ("sampler.batch_size=0", r"sampler\.batch_size: must be >= 1"),
     ("num_samples=0", r"num_samples: must be >= 1"),
     ("model.preset=null", r"model: set exactly one of preset, init_from, train_dir"),
     ("filters.language=xx", r"'xx' is not an ISO 639-1 code"),
-    ("bogus=1", r"config\.bogus: unknown key"),
+    ("bogus=1", r"bogus: unknown key"),
 ])
 def test_bad_generate_configs_name_the_key(tmp_path, override, message):
     path = _generate_config(tmp_path, tmp_path / "out", 2)
@@ -157,14 +157,14 @@ filters: {{enabled: false}}
 def test_translate_keeps_structure_and_resumes(tmp_path):
     out = tmp_path / "tr"
     path = tmp_path / "t.yaml"
-    path.write_text(TRANSLATE_YAML.format(out=out, src=SAMPLE_CHAT, n=3))
+    path.write_text(TRANSLATE_YAML.format(out=out, src=EMBEDDED_CHAT, n=3))
     first = run_translate(load_translate_config(path))
     assert first["written"] == 3
     again = run_translate(load_translate_config(path, ["num_records=5"]))
     assert (again["written"], again["resumed_with"]) == (2, 3)
     records = sorted(read_records(shard_paths(out)), key=lambda r: r["index"])
     assert [r["index"] for r in records] == list(range(5))
-    source = [json.loads(x)["messages"] for x in SAMPLE_CHAT.read_text().splitlines()[:5]]
+    source = [json.loads(x)["messages"] for x in EMBEDDED_CHAT.read_text().splitlines()[:5]]
     for rec, turns in zip(records, source, strict=True):
         assert rec["original"] == turns
         assert [t["role"] for t in rec["conversations"]] == [t["role"] for t in turns]
@@ -176,7 +176,7 @@ def test_translate_keeps_structure_and_resumes(tmp_path):
 
 def test_translate_prompt_and_config_errors(tmp_path):
     path = tmp_path / "t.yaml"
-    path.write_text(TRANSLATE_YAML.format(out=tmp_path / "o", src=SAMPLE_CHAT, n=1))
+    path.write_text(TRANSLATE_YAML.format(out=tmp_path / "o", src=EMBEDDED_CHAT, n=1))
     with pytest.raises(ConfigError, match=r"prompt: must contain the placeholder \{text\}"):
         load_translate_config(path, ["prompt=Translate this"])
     with pytest.raises(ConfigError, match=r"source\.kind: translate reads chat data"):
@@ -195,7 +195,7 @@ def test_cli_config_errors_exit_2(tmp_path, capsys, command):
     from basque_jax.cli import main
 
     path = tmp_path / "t.yaml"
-    path.write_text(TRANSLATE_YAML.format(out=tmp_path / "o", src=SAMPLE_CHAT, n=1))
+    path.write_text(TRANSLATE_YAML.format(out=tmp_path / "o", src=EMBEDDED_CHAT, n=1))
     assert main([command, str(tmp_path / "missing.yaml")]) == 2
     assert f"basque-jax {command}: " in capsys.readouterr().err
     if command == "translate":

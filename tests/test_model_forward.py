@@ -10,6 +10,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from basque_jax import Llama, LlamaConfig, load_pretrained
+from basque_jax.model.decode import decode_step, init_slot_cache
 from basque_jax.sharding import use_sharding
 
 
@@ -42,10 +43,10 @@ def test_kv_cache_decode_matches_full_forward(name):
     model = Llama(LlamaConfig.preset(name), attention="xla", rngs=nnx.Rngs(1))
     ids = _rand_ids((3, 20), seed=5)
     full = model(ids)
-    cache = model.init_cache(3, 32)
-    prefill, cache = model(ids[:, :8], cache=cache)
+    cache = init_slot_cache(model.config, 3, 32, jnp.float32)
+    prefill, cache = decode_step(model, ids[:, :8], cache)
     np.testing.assert_allclose(prefill, full[:, :8], atol=1e-5)
-    step = jax.jit(lambda m, tok, c: m(tok, cache=c))
+    step = jax.jit(lambda m, tok, c: decode_step(m, tok, c))
     for t in range(8, 20):
         logits, cache = step(model, ids[:, t:t + 1], cache)
         np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5)
@@ -57,11 +58,11 @@ def test_cache_prompts_of_different_lengths(tiny):
     a, b = _rand_ids((1, 9), seed=1), _rand_ids((1, 4), seed=2)
     ids = jnp.concatenate([a, jnp.pad(b, ((0, 0), (0, 5)))], axis=0)
     seg = jnp.asarray([[1] * 9, [1] * 4 + [0] * 5])
-    cache = tiny.init_cache(2, 16)
-    _, cache = tiny(ids, segment_ids=seg, cache=cache)
+    cache = init_slot_cache(tiny.config, 2, 16, jnp.float32)
+    _, cache = decode_step(tiny, ids, cache, segment_ids=seg)
     assert cache.end.tolist() == [9, 4]
     nxt = _rand_ids((2, 1), seed=3)
-    logits, _ = tiny(nxt, positions=cache.end[:, None], cache=cache)
+    logits, _ = decode_step(tiny, nxt, cache, positions=cache.end[:, None])
     np.testing.assert_allclose(logits[0, 0], tiny(jnp.concatenate([a, nxt[:1]], 1))[0, -1],
                                atol=1e-5)
     np.testing.assert_allclose(logits[1, 0], tiny(jnp.concatenate([b, nxt[1:]], 1))[0, -1],

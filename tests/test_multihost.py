@@ -20,7 +20,7 @@ from basque_jax.config import load_config
 from basque_jax.data.pipeline import make_pipeline
 from basque_jax.data.tokenizer import load_tokenizer
 from basque_jax.sharding import use_sharding
-from basque_jax.train.loop import setup_training
+from basque_jax.train.setup import setup_training
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"

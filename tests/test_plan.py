@@ -155,3 +155,35 @@ def test_unrolled_layers_compute_the_same_values_and_gradients():
     for a, b in zip(jax.tree.leaves(nnx.grad(loss)(unrolled)),
                     jax.tree.leaves(nnx.grad(loss)(scanned)), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_plan_decode_memory_is_the_samplers_program():
+    """``plan`` reports the memory of the decode program ``generate`` runs: planned on the
+    abstract weights, it equals the compiled program of a real sampler that just decoded."""
+    from flax import nnx
+
+    from basque_jax.config import load_config
+    from basque_jax.model.config import LlamaConfig
+    from basque_jax.plan import decode_memory
+    from basque_jax.runs import construct
+    from basque_jax.sample import Request, Sampler, SamplingParams
+    from basque_jax.sample.sampler import SamplerConfig
+    from basque_jax.sharding import mesh_and_rules, use_sharding
+    from basque_jax.train.setup import assemble_setup, setup_training
+
+    cfg = load_config(DEMO, TINY)
+    mesh, rules = mesh_and_rules(cfg.mesh)
+    with use_sharding(mesh, rules):
+        model = nnx.eval_shape(lambda: construct(cfg, LlamaConfig.preset("tiny")))
+        planned = decode_memory(assemble_setup(cfg, mesh, rules, model, abstract=True), 8, 64)
+        live = setup_training(cfg)
+        sampler = Sampler(None, SamplerConfig(batch_size=8, max_len=64, unstack=False),
+                          graphdef=live.graphdef, params=(live.state.params, live.frozen),
+                          mesh=mesh, rules=rules)
+        done = sampler.generate([Request([1, 2, 3], SamplingParams(0.0, max_new_tokens=4))])
+        assert len(done[0].tokens) == 4
+        ran = sampler.lower_decode()[0].compile().memory_analysis()
+    assert (planned.arguments, planned.outputs, planned.aliased, planned.temporaries) == (
+        ran.argument_size_in_bytes, ran.output_size_in_bytes, ran.alias_size_in_bytes,
+        ran.temp_size_in_bytes)
+    assert planned.arguments > 2 * 2 * 8 * 64 * 2 * 16 * 4  # K and V of every layer, f32

@@ -17,6 +17,7 @@ from transformers import LlamaForCausalLM
 from basque_jax import Llama, LlamaConfig, load_pretrained
 from basque_jax.model.lora import TARGETS, LoraConfig, apply_lora, merge_lora
 from basque_jax.sample import PromptTooLong, Request, Sampler, SamplingParams
+from basque_jax.sample.sampler import SamplerConfig
 from basque_jax.sample.sampling import RowParams, select_tokens, sort_mode
 from basque_jax.sharding import MeshConfig, make_mesh, use_sharding
 
@@ -55,13 +56,13 @@ def test_greedy_equals_transformers_generate(hf_checkpoint, case):
     model = load_pretrained(folder)
     prompts = _prompts(model.config.vocab_size)
     ref = _hf_greedy(hf, prompts, GREEDY.max_new_tokens)
-    sampler = Sampler(model, batch_size=4, max_len=32)
+    sampler = Sampler(model, SamplerConfig(batch_size=4, max_len=32))
     ours = sampler.generate(prompts, GREEDY)
     assert [c.tokens for c in ours] == ref
     assert all(c.finish_reason == "length" for c in ours)
     if case == "llama31":  # weights sliced inside the program instead of copied: same tokens
-        sliced = Sampler(model, batch_size=4, max_len=32, unstack=False).generate(prompts,
-                                                                                   GREEDY)
+        sliced = Sampler(model, SamplerConfig(batch_size=4, max_len=32, unstack=False)
+                         ).generate(prompts, GREEDY)
         assert [c.tokens for c in sliced] == ref
         # stop ids end rows exactly where transformers' eos does; kept or stripped
         stop = [ref[0][3], ref[2][6]]
@@ -111,9 +112,10 @@ def test_lora_unmerged_and_merged_equal_peft(hf_checkpoint):
     base = _hf_greedy(LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(),
                       prompts, GREEDY.max_new_tokens)
     assert ref != base  # the adapters matter
-    unmerged = Sampler(model, batch_size=4, max_len=32).generate(prompts, GREEDY)
+    small = SamplerConfig(batch_size=4, max_len=32)
+    unmerged = Sampler(model, small).generate(prompts, GREEDY)
     assert [c.tokens for c in unmerged] == ref
-    merged = Sampler(merge_lora(model), batch_size=4, max_len=32).generate(prompts, GREEDY)
+    merged = Sampler(merge_lora(model), small).generate(prompts, GREEDY)
     assert [c.tokens for c in merged] == ref
 
 
@@ -125,7 +127,7 @@ def tiny() -> Llama:
 @pytest.fixture(scope="module")
 def slots3(tiny) -> Sampler:
     """Three row slots, shared by the tests below (compiled programs are reused)."""
-    return Sampler(tiny, batch_size=3, max_len=40, chunk_steps=2)
+    return Sampler(tiny, SamplerConfig(batch_size=3, max_len=40, chunk_steps=2))
 
 
 def test_continuous_batching_equals_one_at_a_time(tiny, slots3):
@@ -133,7 +135,7 @@ def test_continuous_batching_equals_one_at_a_time(tiny, slots3):
     budgets = (9, 2, 14, 5, 11, 1, 7)  # very different output lengths force many refills
     reqs = [Request(p, SamplingParams(0.0, max_new_tokens=n))
             for p, n in zip(prompts, budgets, strict=True)]
-    one = Sampler(tiny, batch_size=1, max_len=40)
+    one = Sampler(tiny, SamplerConfig(batch_size=1, max_len=40))
     alone = [one.generate([r])[0] for r in reqs]
     batched = slots3.generate(reqs)
     assert [c.tokens for c in batched] == [c.tokens for c in alone]
@@ -261,7 +263,8 @@ def test_runs_sharded_on_a_data_tensor_mesh(hf_checkpoint):
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     with use_sharding(mesh):
         model = load_pretrained(folder, mesh=mesh)
-        sampler = Sampler(model, batch_size=6, max_len=32, chunk_steps=3, mesh=mesh)
+        sampler = Sampler(model, SamplerConfig(batch_size=6, max_len=32, chunk_steps=3),
+                          mesh=mesh)
     assert sampler.batch_size == 8  # rounded up to the 4 batch shards
     kernel = model.layers.self_attn.q_proj.kernel.get_value()
     assert "tensor" in str(kernel.sharding.spec)
@@ -323,14 +326,14 @@ def _train_config(tmp_path, **sample):
 
 def test_training_sampler_uses_the_live_weights(tmp_path):
     from basque_jax.data.tokenizer import load_tokenizer
-    from basque_jax.sample.attached import attached_sampler
-    from basque_jax.train.loop import setup_training
+    from basque_jax.train.loop import _training_sampler
+    from basque_jax.train.setup import setup_training
 
     cfg = _train_config(tmp_path)
     setup = setup_training(cfg)
     tok = load_tokenizer("demo")
     with use_sharding(setup.mesh, setup.rules):
-        hook = attached_sampler(cfg, tok, setup, tmp_path)
+        hook = _training_sampler(cfg, tok, setup, tmp_path)
         assert hook.sampler.batch_size == 8  # 2 prompts, rows split over data × fsdp
         first = hook(1, setup.state.params, setup.frozen)
         # new (trained-looking) adapter weights change the completions, without recompiling

@@ -14,6 +14,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from basque_jax import Llama, LlamaConfig
+from basque_jax.errors import ConfigError
 from basque_jax.model.lora import LoraConfig, apply_lora
 from basque_jax.sharding import (
     DEFAULT_RULES,
@@ -45,18 +46,19 @@ def test_make_mesh_resolves_sizes_with_auto_axes(cfg, sizes):
     assert sorted(d.id for d in mesh.devices.flat) == list(range(8))
 
 
-@pytest.mark.parametrize("cfg,message", [
-    (MeshConfig(data=2, fsdp=2, tensor=1),
+@pytest.mark.parametrize("sizes,message", [
+    (dict(data=2, fsdp=2, tensor=1),
      r"mesh dcn=1 × data=2 × fsdp=2 × tensor=1 has 4 devices but 8 are available"),
-    (MeshConfig(data=-1, fsdp=-1), "only one axis may be -1, got data and fsdp"),
-    (MeshConfig(tensor=0), "mesh.tensor: size must be a positive integer or -1, got 0"),
-    (MeshConfig(data=-2), "mesh.data: size must be a positive integer or -1, got -2"),
-    (MeshConfig(fsdp=-1, tensor=3),
+    (dict(data=-1, fsdp=-1), "only one axis may be -1, got data and fsdp"),
+    (dict(tensor=0), "mesh.tensor: size must be a positive integer or -1, got 0"),
+    (dict(data=-2), "mesh.data: size must be a positive integer or -1, got -2"),
+    (dict(fsdp=-1, tensor=3),
      "the fixed axes multiply to 3, which does not divide the 8 devices"),
 ])
-def test_impossible_meshes(cfg, message):
-    with pytest.raises(ValueError, match=message):
-        make_mesh(cfg)
+def test_impossible_meshes(sizes, message):
+    """Caught when the section is built (sizes alone) or the mesh is made (device count)."""
+    with pytest.raises(ConfigError, match=message):
+        make_mesh(MeshConfig(**sizes))
 
 
 @dataclass(frozen=True)

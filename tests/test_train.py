@@ -12,8 +12,8 @@ from basque_jax.config import RunConfig
 from basque_jax.model.config import LlamaConfig
 from basque_jax.sharding import use_sharding
 from basque_jax.train.flops import lora_params, matmul_params, train_flops_per_token
-from basque_jax.train.loop import setup_training
 from basque_jax.train.optim import lr_schedule
+from basque_jax.train.setup import setup_training
 
 # 8 query heads, 4 KV heads: divisible by every tensor size the meshes below use.
 MESH_MODEL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -165,7 +165,7 @@ def test_flops_full_vs_lora():
 
 
 def test_neftune_noise_magnitude():
-    from basque_jax.train.step import neftune_noise
+    from basque_jax.model.loss import neftune_noise
 
     x = jnp.zeros((2, 16, 64))
     noisy = neftune_noise(jax.random.key(0), x, 5.0)
@@ -175,7 +175,7 @@ def test_neftune_noise_magnitude():
 
 
 def test_cross_entropy_matches_optax():
-    from basque_jax.train.step import masked_cross_entropy
+    from basque_jax.model.loss import masked_cross_entropy
 
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.normal(size=(2, 5, 11)), jnp.float32)
@@ -187,7 +187,7 @@ def test_cross_entropy_matches_optax():
 
 
 def test_chunked_cross_entropy_equals_full_loss_and_gradient():
-    from basque_jax.train.step import chunked_cross_entropy
+    from basque_jax.model.loss import chunked_cross_entropy
 
     rng = np.random.default_rng(1)
     hidden = jnp.asarray(rng.normal(size=(2, 32, 16)), jnp.float32)

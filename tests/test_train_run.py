@@ -15,9 +15,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from basque_jax.checkpoint import Checkpointer
 from basque_jax.config import ConfigError, load_config
-from basque_jax.train.checkpoint import Checkpointer
-from basque_jax.train.loop import TrainingDiverged, run_training, setup_training
+from basque_jax.train.loop import TrainingDiverged, run_training
+from basque_jax.train.setup import setup_training
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -49,8 +50,8 @@ def _final_params(out_dir: Path) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("train.stepz=3", r"config\.train\.stepz: unknown key"),
-        ("train.steps=ten", r"config\.train\.steps: expected int, got str 'ten'"),
+        ("train.stepz=3", r"train\.stepz: unknown key"),
+        ("train.steps=ten", r"train\.steps: expected int, got str 'ten'"),
         ("train.steps=0", r"train\.steps: must be >= 1"),
         ("optim.lr=-1", r"optim\.lr: must be > 0"),
         ("optim.warmup_ratio=1.5", r"optim\.warmup_ratio: must be in \[0, 1\)"),
@@ -58,7 +59,7 @@ def _final_params(out_dir: Path) -> dict[str, np.ndarray]:
         ("model.scan_unroll=0", r"model\.scan_unroll: expected true or an integer >= 1"),
         ("model.init_from=/x", r"model: set exactly one of preset, init_from"),
         ("lora.targets=[q_proj,qq_proj]", r"lora\.targets: unknown \['qq_proj'\]"),
-        ("lora.rank=0", r"lora\.rank: must be >= 1"),
+        ("lora.rank=0", r"lora\.rank: must be a positive integer"),
         ("train.micro_batches=3", r"train\.micro_batches: 3 does not divide data\.batch_size 8"),
         ("mesh.rules={bogus: data}", r"mesh\.rules\.bogus: unknown logical axis"),
         ("data.seq_len=1", r"seq_len must be >= 2"),
@@ -86,11 +87,11 @@ def test_config_file_errors(tmp_path):
 
 def test_scan_unroll_reaches_the_model():
     from basque_jax.model.config import LlamaConfig
-    from basque_jax.train.loop import construct_model
+    from basque_jax.runs import construct
 
     cfg = load_config(DEMO, ["model.scan_unroll=true"])
-    assert construct_model(cfg, LlamaConfig.preset("tiny")).scan_unroll is True
-    assert construct_model(load_config(DEMO), LlamaConfig.preset("tiny")).scan_unroll == 1
+    assert construct(cfg, LlamaConfig.preset("tiny")).scan_unroll is True
+    assert construct(load_config(DEMO), LlamaConfig.preset("tiny")).scan_unroll == 1
 
 
 def test_impossible_mesh_is_reported():
@@ -192,3 +193,27 @@ def test_heldout_loss_falls_on_real_basque_text(tmp_path):
     assert evals[0] > 6.5  # ~ln(1272) for the random init
     assert evals[-1] < evals[0] - 1.2, evals
     assert evals[-1] < evals[1]
+
+
+def test_logged_flops_use_the_rank_of_the_adapter_the_run_has(tmp_path):
+    """``lora.init_from`` brings its own rank (8): FLOPs/MFU count it, not the YAML's 16."""
+    from basque_jax.export import export
+    from basque_jax.model.config import LlamaConfig
+    from basque_jax.train.flops import train_flops_per_token
+
+    first = tmp_path / "rank8"
+    run_training(load_config(DEMO, [*SMALL, "train.steps=1", f"train.output_dir={first}",
+                                    "lora.rank=8"]))
+    export(first, tmp_path / "adapter", mode="peft")
+    second = tmp_path / "continued"
+    cfg = load_config(DEMO, [*SMALL, "train.steps=2", "train.log_every=1", "lora.rank=16",
+                             f"lora.init_from={tmp_path / 'adapter'}",
+                             f"train.output_dir={second}"])
+    run_training(cfg)
+    record = json.loads((second / "metrics.jsonl").read_text().splitlines()[-1])
+    per_token = record["tflops_per_device"] * 1e12 * jax.device_count() / record["tokens_per_s"]
+    config = LlamaConfig.preset("tiny-demo")
+    want = train_flops_per_token(config, 128, lora_rank=8, lora_targets=cfg.lora.targets)
+    assert per_token == pytest.approx(want, rel=1e-9)
+    assert per_token != pytest.approx(train_flops_per_token(
+        config, 128, lora_rank=16, lora_targets=cfg.lora.targets), rel=1e-3)

@@ -6,23 +6,21 @@ The batch contract is documented in ``basque_jax.data.batch``; the entry point i
 
 from basque_jax.data.batch import BATCH_KEYS, check_batch, make_global_batch
 from basque_jax.data.chat import ChatEncoder
-from basque_jax.data.config import ConfigError, DataConfig, SourceConfig
+from basque_jax.data.config import DataConfig, SourceConfig
 from basque_jax.data.demo_tokenizer import build_demo_tokenizer
+from basque_jax.data.embedded import embedded_data_config
 from basque_jax.data.pipeline import (
     make_dataset,
     make_pipeline,
     pipeline_stats,
     pipeline_summary,
 )
-from basque_jax.data.sample import sample_data_config
-from basque_jax.data.state import restore_args, restore_state, save_args, state_to_bytes
 from basque_jax.data.stats import DataError
 from basque_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
     "BATCH_KEYS",
     "ChatEncoder",
-    "ConfigError",
     "DataConfig",
     "DataError",
     "SourceConfig",
@@ -35,9 +33,5 @@ __all__ = [
     "make_pipeline",
     "pipeline_stats",
     "pipeline_summary",
-    "restore_args",
-    "restore_state",
-    "sample_data_config",
-    "save_args",
-    "state_to_bytes",
+    "embedded_data_config",
 ]

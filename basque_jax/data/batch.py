@@ -34,11 +34,11 @@ mesh whose batch axes follow process order, as ``jax.make_mesh`` builds them).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 BATCH_KEYS: dict[str, np.dtype] = {
     "input_ids": np.dtype(np.int32),
@@ -47,9 +47,6 @@ BATCH_KEYS: dict[str, np.dtype] = {
     "positions": np.dtype(np.int32),
     "segment_ids": np.dtype(np.int32),
 }
-DEFAULT_BATCH_AXES = ("dcn", "data", "fsdp")  # as basque_jax.sharding maps "batch"
-
-
 def check_batch(batch: Mapping[str, np.ndarray], seq_len: int | None = None) -> None:
     """Raises ``ValueError`` if ``batch`` breaks the contract (keys, dtypes, shapes, padding)."""
     if set(batch) != set(BATCH_KEYS):
@@ -74,27 +71,12 @@ def pad_batch(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarra
     return {k: np.pad(v, [(0, rows - n)] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
 
 
-def batch_spec(mesh: Mesh, batch_axes: Sequence[str] = DEFAULT_BATCH_AXES) -> PartitionSpec:
-    """``PartitionSpec`` sharding rows over those of ``batch_axes`` the mesh has."""
-    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-    return PartitionSpec(axes or None, None)
-
-
-def make_global_batch(
-    local_batch: Mapping[str, np.ndarray],
-    sharding: NamedSharding | Mesh,
-    spec: PartitionSpec | None = None,
-) -> dict[str, jax.Array]:
-    """This host's numpy batch -> global ``jax.Array`` s sharded over the batch axes.
-
-    ``sharding`` is a ``NamedSharding`` (used as is), or a ``Mesh`` combined with ``spec``
-    (default: ``batch_spec(mesh)``, rows over the mesh's ``dcn``/``data``/``fsdp`` axes). Every host
-    calls this with its own rows (``jax.make_array_from_process_local_data``).
-    """
-    if isinstance(sharding, Mesh):
-        sharding = NamedSharding(sharding, spec if spec is not None else batch_spec(sharding))
-    elif spec is not None:
-        raise ValueError("pass spec only together with a Mesh")
+def make_global_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding
+                      ) -> dict[str, jax.Array]:
+    """This host's numpy batch -> global ``jax.Array`` s laid out by ``sharding`` (from
+    :func:`basque_jax.sharding.batch_sharding`: rows over the mesh axes the logical-axis table
+    maps ``batch`` to). Every host calls this with its own rows
+    (``jax.make_array_from_process_local_data``)."""
     return {
         k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
         for k, v in local_batch.items()

@@ -8,18 +8,17 @@ types or invalid values.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from basque_jax.errors import ConfigError
+from basque_jax.yaml_config import build
+
+__all__ = ["ConfigError", "DataConfig", "SourceConfig"]
 
 SourceKind = Literal["corpus", "chat", "instruction"]
 FileFormat = Literal["auto", "jsonl", "json", "parquet", "text", "array_record"]
 TextUnit = Literal["line", "paragraph", "file"]
-
-
 
 
 @dataclass
@@ -154,7 +153,7 @@ class DataConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, where: str = "data") -> DataConfig:
         """Builds a validated config from plain values; errors name the key."""
-        return _build(cls, d, where)
+        return build(cls, d, where)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-value form (inverse of ``from_dict``)."""
@@ -165,63 +164,3 @@ def _first(path: str | list[str] | None) -> str:
     if isinstance(path, list):
         return path[0] if path else ""
     return path or ""
-
-
-def _build(cls: type, d: Any, where: str) -> Any:
-    if not isinstance(d, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
-    kwargs = {k: _check(v, hints[k], f"{where}.{k}") for k, v in d.items()}
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
-    except TypeError as e:  # a missing required key
-        raise ConfigError(f"{where}: {e}") from None
-
-
-def _check(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: expected one of {list(args)}, got {value!r}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in (a for a in args if a is not type(None)):
-            try:
-                return _check(value, a, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        names = " or ".join(_type_name(a) for a in args)
-        raise ConfigError(f"{where}: expected {names}, got {type(value).__name__} {value!r}")
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
-        return [_check(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        return value if isinstance(value, tp) else _build(tp, value, where)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected float, got {type(value).__name__} {value!r}")
-        return float(value)
-    if tp is int and isinstance(value, bool):
-        raise ConfigError(f"{where}: expected int, got bool {value!r}")
-    if tp in (int, str, bool) and not isinstance(value, tp):
-        raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _type_name(tp: Any) -> str:
-    if tp is type(None):
-        return "null"
-    if typing.get_origin(tp) is list:
-        return "list"
-    return getattr(tp, "__name__", str(tp))

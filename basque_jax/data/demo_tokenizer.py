@@ -16,7 +16,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
-from basque_jax.data.sample import sample_texts
+from basque_jax.data.embedded import embedded_texts
 from basque_jax.data.tokenizer import LLAMA3_PATTERN, LLAMA31_SPECIAL_TOKENS, Tokenizer
 
 DEFAULT_VOCAB = 1024
@@ -54,7 +54,7 @@ def build_demo_tokenizer(
     cache_dir: str | os.PathLike | None = None, *, vocab_size: int = DEFAULT_VOCAB
 ) -> Tokenizer:
     """The demo tokenizer, trained once and cached under ``cache_dir``."""
-    texts = sample_texts()
+    texts = embedded_texts()
     key = hashlib.sha256(
         "\x00".join([tokenizers.__version__, str(vocab_size), *texts]).encode()
     ).hexdigest()[:12]

@@ -23,7 +23,8 @@ from collections.abc import Sequence
 import grain
 
 from basque_jax.data.config import DataConfig, SourceConfig
-from basque_jax.data.sources import HubStreamIterDataset, open_random_access
+from basque_jax.data.hub import HubStreamIterDataset
+from basque_jax.data.sources import open_random_access
 from basque_jax.data.stats import DataError
 
 

@@ -3,9 +3,9 @@
     sources -> mix/shuffle/epochs/host shard -> decode + template + segment (RecordProcessor)
     -> count & skip bad records -> pack to seq_len -> per-host batches -> worker processes
 
-The iterator is a grain ``DatasetIterator``: ``get_state()``/``set_state()`` (JSON-able dicts,
-see ``state.py`` for bytes and orbax) resume exactly; ``pipeline_stats(it)`` reports skipped
-and truncated records. Batches follow the contract in ``batch.py``.
+The iterator is a grain ``DatasetIterator``: ``get_state()``/``set_state()`` (JSON-able dicts;
+the training checkpoint saves them with grain's orbax handler) resume exactly;
+``pipeline_stats(it)`` reports skipped and truncated records. Batches follow the contract in ``batch.py``.
 
 With ``worker_count > 0`` grain spawns worker processes (each reads every ``worker_count``-th
 record of the host's shard, tokenizes and packs): scripts that build a pipeline need an
@@ -26,6 +26,7 @@ import grain
 from basque_jax.data.batch import pad_batch
 from basque_jax.data.config import DataConfig
 from basque_jax.data.examples import RecordProcessor
+from basque_jax.data.hub import HubStreamIterDataset
 from basque_jax.data.mixture import (
     mix_random_access,
     mix_streaming,
@@ -33,7 +34,7 @@ from basque_jax.data.mixture import (
     streaming_sources,
 )
 from basque_jax.data.packing import pack
-from basque_jax.data.sources import HubStreamIterDataset, RawRecord
+from basque_jax.data.sources import RawRecord
 from basque_jax.data.stats import CountingIterDataset, DataError, collect_stats, format_stats
 from basque_jax.data.tokenizer import Tokenizer, load_tokenizer
 

@@ -7,13 +7,12 @@ or ArrayRecord record, or a ``dict`` (JSON array item, Parquet row, hub or TFDS 
 so that bad records are counted, not fatal.
 
 Random-access sources become ``grain.MapDataset`` (globally shuffled, sliced per host and per
-worker); streaming hub sources become a checkpointable ``grain.IterDataset``.
+worker); the Hugging Face hub and TFDS readers are in ``hub.py``.
 """
 
 from __future__ import annotations
 
 import glob as globlib
-import itertools
 import json
 import mmap
 import os
@@ -26,6 +25,7 @@ import numpy as np
 
 from basque_jax.data.config import SourceConfig
 from basque_jax.data.stats import DataError
+from basque_jax.errors import InputNotFound, MissingDependency
 
 _EXTENSIONS = {
     ".jsonl": "jsonl",
@@ -68,7 +68,7 @@ def expand_paths(patterns: Sequence[str], source: str) -> list[str]:
             found = sorted(globlib.glob(local)) if any(c in local for c in "*?[") else [local]
             found = [f for f in found if os.path.isfile(f)]
         if not found:
-            raise FileNotFoundError(f"source {source}: no file matches {pattern!r}")
+            raise InputNotFound(f"source {source}: no file matches {pattern!r}")
         out.extend(found)
     return out
 
@@ -77,11 +77,11 @@ def _fsspec_fs(path: str) -> tuple[Any, str]:
     try:
         import fsspec
     except ImportError as e:  # pragma: no cover - fsspec is a core dependency
-        raise ImportError(f"reading {path} needs fsspec") from e
+        raise MissingDependency(f"reading {path} needs fsspec") from e
     try:
         return fsspec.core.url_to_fs(path)
     except (ImportError, ValueError) as e:
-        raise ImportError(
+        raise MissingDependency(
             f"reading {path!r} needs the fsspec filesystem for its protocol "
             f"(e.g. `pip install gcsfs` for gs://): {e}"
         ) from e
@@ -305,56 +305,6 @@ def write_array_record(records: Sequence[dict], path: str) -> None:
     writer.close()
 
 
-class IndexedRecords:
-    """Random access over a sequence of dicts (a hub ``Dataset`` or a TFDS data source)."""
-
-    def __init__(self, data: Any, source: str):
-        self.source = source
-        self._data = data
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def __getitem__(self, i: int) -> RawRecord:
-        return RawRecord(self.source, f"{self.source}[{i}]", dict(self._data[i]))
-
-
-def _import_datasets() -> Any:
-    try:
-        import datasets
-    except ImportError as e:
-        raise ImportError(
-            "hub sources need the `datasets` package: pip install 'basque-jax[hub]'"
-        ) from e
-    return datasets
-
-
-def _load_hub(cfg: SourceConfig, streaming: bool) -> Any:
-    datasets = _import_datasets()
-    try:
-        return datasets.load_dataset(
-            cfg.hf_dataset,
-            cfg.subset,
-            split=cfg.split,
-            data_files=cfg.data_files,
-            data_dir=cfg.data_dir,
-            streaming=streaming,
-        )
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"source {cfg.name}: {e}") from e
-
-
-def _tfds_source(cfg: SourceConfig) -> IndexedRecords:
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError as e:
-        raise ImportError(
-            f"source {cfg.name}: tfds_name needs `pip install tensorflow-datasets`"
-        ) from e
-    data = tfds.data_source(cfg.tfds_name, split=cfg.split, data_dir=cfg.data_dir)
-    return IndexedRecords(data, cfg.name)
-
-
 def _file_sources(cfg: SourceConfig) -> list[Any]:
     out = []
     for path in expand_paths(cfg.paths, cfg.name):
@@ -376,10 +326,12 @@ def _file_sources(cfg: SourceConfig) -> list[Any]:
 
 def open_random_access(cfg: SourceConfig) -> grain.MapDataset:
     """A ``MapDataset[RawRecord]`` over every record of a non-streaming source."""
+    from basque_jax.data.hub import IndexedRecords, load_hub, tfds_source
+
     if cfg.hf_dataset:
-        parts = [IndexedRecords(_load_hub(cfg, streaming=False), cfg.name)]
+        parts = [IndexedRecords(load_hub(cfg, streaming=False), cfg.name)]
     elif cfg.tfds_name:
-        parts = [_tfds_source(cfg)]
+        parts = [tfds_source(cfg)]
     else:
         parts = _file_sources(cfg)
     parts = [p for p in parts if len(p)]
@@ -390,86 +342,3 @@ def open_random_access(cfg: SourceConfig) -> grain.MapDataset:
     if cfg.max_records is not None:
         ds = ds[: cfg.max_records]
     return ds
-
-
-class HubStreamIterDataset(grain.IterDataset):
-    """A streaming hub dataset, sharded per host, shuffled per epoch, checkpointable.
-
-    State is ``{"epoch", "consumed"}``; restoring replays the (deterministic) stream and skips
-    ``consumed`` records, so a resumed run sees exactly the same records.
-    """
-
-    def __init__(
-        self,
-        cfg: SourceConfig,
-        *,
-        seed: int,
-        shuffle_buffer: int,
-        epochs: int | None,
-        process_index: int = 0,
-        process_count: int = 1,
-    ):
-        super().__init__()
-        self._cfg = cfg
-        self._seed = seed
-        self._shuffle_buffer = shuffle_buffer
-        self._epochs = epochs
-        self._shard = (process_index, process_count)
-
-    def build(self) -> Any:
-        """The underlying ``datasets.IterableDataset`` for this host."""
-        ds = _load_hub(self._cfg, streaming=True)
-        if self._cfg.max_records is not None:
-            ds = ds.take(self._cfg.max_records)
-        if self._shard[1] > 1:
-            from datasets.distributed import split_dataset_by_node
-
-            ds = split_dataset_by_node(ds, rank=self._shard[0], world_size=self._shard[1])
-        if self._shuffle_buffer > 0:
-            ds = ds.shuffle(seed=self._seed, buffer_size=self._shuffle_buffer)
-        return ds
-
-    def __iter__(self) -> _HubStreamIterator:
-        return _HubStreamIterator(self)
-
-    def __str__(self) -> str:
-        return f"HubStreamIterDataset({self._cfg.name})"
-
-
-class _HubStreamIterator(grain.DatasetIterator):
-    def __init__(self, parent: HubStreamIterDataset):
-        super().__init__()
-        self._spec = parent
-        self._ds = parent.build()
-        self._epoch = 0
-        self._consumed = 0
-        self._it: Iterator | None = None
-
-    def _start(self) -> None:
-        self._ds.set_epoch(self._epoch)
-        self._it = itertools.islice(iter(self._ds), self._consumed, None)
-
-    def __next__(self) -> RawRecord:
-        name = self._spec._cfg.name
-        while True:
-            epochs = self._spec._epochs
-            if epochs is not None and self._epoch >= epochs:
-                raise StopIteration
-            if self._it is None:
-                self._start()
-            try:
-                row = next(self._it)
-            except StopIteration:
-                if self._consumed == 0:
-                    raise DataError(f"source {name}: no records (empty stream)") from None
-                self._epoch, self._consumed, self._it = self._epoch + 1, 0, None
-                continue
-            self._consumed += 1
-            where = f"{name}[epoch {self._epoch}, #{self._consumed}]"
-            return RawRecord(name, where, dict(row))
-
-    def get_state(self) -> dict[str, Any]:
-        return {"epoch": self._epoch, "consumed": self._consumed}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._epoch, self._consumed, self._it = state["epoch"], state["consumed"], None

@@ -17,6 +17,8 @@ from typing import Any, NamedTuple
 import grain
 import numpy as np
 
+from basque_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 STATE_KEY = "basque_jax_record_stats"
@@ -25,7 +27,7 @@ CHECK_AFTER = 1000  # records of a source seen before the bad fraction is enforc
 _COUNTERS = ("records", "valid", "bad", "truncated", "dropped_overlong", "split", "segments")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Input data is unusable: missing file, no valid record, too many bad records."""
 
 

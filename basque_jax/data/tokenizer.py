@@ -23,6 +23,8 @@ from typing import Any
 
 import tokenizers
 
+from basque_jax.errors import InputNotFound
+
 # Llama 3 pre-tokenizer regex (from Meta's tokenizer.py; same as transformers' converter).
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
@@ -147,7 +149,7 @@ def from_tiktoken(path: str | os.PathLike) -> Tokenizer:
     """The Llama 3 tokenizer from its tiktoken ``tokenizer.model`` + 256 special tokens."""
     p = Path(path).resolve()
     if not p.is_file():
-        raise FileNotFoundError(f"tokenizer file not found: {path}")
+        raise InputNotFound(f"tokenizer file not found: {path}")
     st = p.stat()
     return _from_tiktoken_cached(str(p), st.st_mtime_ns, st.st_size)
 
@@ -191,7 +193,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
             return from_hf(p)
         if (p / "tokenizer.model").exists():
             return from_tiktoken(p / "tokenizer.model")
-        raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {p}")
+        raise InputNotFound(f"no tokenizer.json or tokenizer.model in {p}")
     if p.is_file():
         if p.suffix == ".json":
             backend = tokenizers.Tokenizer.from_file(str(p))
@@ -203,4 +205,4 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
                 name=str(p),
             )
         return from_tiktoken(p)
-    raise FileNotFoundError(f"tokenizer not found: {path}")
+    raise InputNotFound(f"tokenizer not found: {path}")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
+
+from basque_jax.errors import UserError
 
 
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
@@ -48,13 +49,8 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     if args.perplexity is None and args.mc is None:
-        print("basque-jax eval: nothing to do; pass --perplexity and/or --mc", file=sys.stderr)
-        return 2
-    try:
-        results = run_eval(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"basque-jax eval: {e}", file=sys.stderr)
-        return 2
+        raise UserError("nothing to do; pass --perplexity and/or --mc")
+    results = run_eval(args)
     text = json.dumps(results, indent=2, ensure_ascii=False)
     print(text)
     if args.out:
@@ -65,19 +61,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> dict:
     """The evaluations ``args`` ask for, as one results dict."""
-    from basque_jax.data.tokenizer import load_tokenizer
-    from basque_jax.eval.loading import load_eval_model
+    from basque_jax.runs import load_model
 
     t0 = time.perf_counter()
-    em = load_eval_model(args.model, step=args.step, dtype=args.dtype,
-                         overrides=args.overrides)
+    em = load_model(args.model, step=args.step, dtype=args.dtype, overrides=args.overrides)
+    tok = em.load_tokenizer(args.tokenizer)
     tok_name = args.tokenizer or em.tokenizer
-    if not tok_name:
-        raise ValueError(f"{args.model}: no tokenizer files; pass --tokenizer")
-    tok = load_tokenizer(tok_name)
-    if tok.vocab_size > em.model.config.vocab_size:
-        raise ValueError(f"tokenizer {tok_name} has {tok.vocab_size} tokens, more than the "
-                         f"model's vocab_size {em.model.config.vocab_size}")
     results: dict = {"model": em.name, "step": em.step, "tokenizer": str(tok_name)}
     if args.perplexity is not None:
         from basque_jax.eval.perplexity import evaluate_perplexity, perplexity_data
@@ -88,7 +77,7 @@ def run_eval(args: argparse.Namespace) -> dict:
         elif em.eval_data is not None:
             data = em.eval_data
         else:
-            raise ValueError("--perplexity without files needs a run config with eval_data")
+            raise UserError("--perplexity without files needs a run config with eval_data")
         results["perplexity"] = evaluate_perplexity(em.model, data, tok,
                                                     max_batches=args.max_batches,
                                                     mesh=em.mesh, rules=em.rules)
@@ -96,12 +85,13 @@ def run_eval(args: argparse.Namespace) -> dict:
         from basque_jax.eval.multiple_choice import evaluate_multiple_choice, read_mc_jsonl
 
         items = read_mc_jsonl(args.mc, limit=args.limit)
+        chat = {} if em.data is None else {"chat_template": em.data.chat_template,
+                                            "system_prompt": em.data.system_prompt,
+                                            "date_string": em.data.chat_date}
         mc = evaluate_multiple_choice(
             em.model, tok, items, num_fewshot=args.num_fewshot, chat=args.chat, seed=args.seed,
             add_bos=args.add_bos, batch_size=args.batch_size, max_length=args.max_length,
-            mesh=em.mesh, rules=em.rules, log_samples=args.log_samples,
-            chat_template=em.chat_template, system_prompt=em.system_prompt,
-            date_string=em.chat_date)
+            mesh=em.mesh, rules=em.rules, log_samples=args.log_samples, **chat)
         results["multiple_choice"] = {"file": str(args.mc), **mc}
     results["seconds"] = round(time.perf_counter() - t0, 2)
     return results

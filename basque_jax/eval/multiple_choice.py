@@ -37,18 +37,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
-from basque_jax.data.batch import batch_spec
 from basque_jax.data.chat import ChatEncoder
 from basque_jax.data.tokenizer import Tokenizer
-from basque_jax.sharding import use_sharding
+from basque_jax.errors import UserError
+from basque_jax.sharding import batch_sharding, batch_shards, use_sharding
 
 MIN_BUCKET = 16
 LOGIT_CHUNK = 256  # sequence positions whose logits are formed at once
 
 
-class MCDataError(ValueError):
+class MCDataError(UserError):
     """A malformed multiple-choice file (the message names file, line and key)."""
 
 
@@ -216,12 +216,9 @@ def score_requests(model: nnx.Module, requests: Sequence[tuple[Sequence[int], Se
     """
     max_length = max_length or model.config.max_position_embeddings
     if mesh is not None:
-        spec = batch_spec(mesh)
-        axes = spec[0] or ()
-        axes = (axes,) if isinstance(axes, str) else axes
-        ways = math.prod(mesh.shape[a] for a in axes)
+        ways = batch_shards(mesh, rules)
         batch_size = -(-batch_size // ways) * ways
-        sharding = NamedSharding(mesh, spec)
+        sharding = batch_sharding(mesh, rules)
     graphdef, state = nnx.split(model)
     score = _score_fn(graphdef)
     rows = []

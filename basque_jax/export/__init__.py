@@ -9,9 +9,9 @@ from typing import Any
 
 _API = {
     "export": "basque_jax.export.exporter", "ExportResult": "basque_jax.export.exporter",
-    "ExportError": "basque_jax.export.files", "resolve_source": "basque_jax.export.source",
-    "HFSource": "basque_jax.export.source", "RunSource": "basque_jax.export.source",
-    "SourceError": "basque_jax.export.source",
+    "ExportError": "basque_jax.export.files", "resolve_source": "basque_jax.runs",
+    "HFSource": "basque_jax.runs", "RunSource": "basque_jax.runs",
+    "SourceError": "basque_jax.runs",
 }
 __all__ = sorted(_API)
 

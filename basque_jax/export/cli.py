@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
@@ -49,20 +48,10 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from basque_jax.export import ExportError, SourceError, export
-    from basque_jax.model.config import ConfigError
-    from basque_jax.model.hf import CheckpointError
-    from basque_jax.model.peft_io import AdapterError
-    from basque_jax.model.safetensors_io import SafetensorsError
+    from basque_jax.export import export
 
-    try:
-        result = export(args.source, args.out_dir, mode=args.mode, dtype=args.dtype,
-                        overwrite=args.overwrite, step=args.step,
-                        max_shard_bytes=args.max_shard_size)
-    except (ExportError, SourceError, CheckpointError, AdapterError, SafetensorsError,
-            ConfigError, FileNotFoundError) as e:
-        print(f"basque-jax export: {e}", file=sys.stderr)
-        return 2
+    result = export(args.source, args.out_dir, mode=args.mode, dtype=args.dtype,
+                    overwrite=args.overwrite, step=args.step, max_shard_bytes=args.max_shard_size)
     print(json.dumps({"out_dir": str(result.out_dir), "mode": result.mode,
                       "source": result.source, "files": result.files, "lora": result.lora}))
     return 0

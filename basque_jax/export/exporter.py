@@ -36,7 +36,7 @@ from basque_jax.export.files import (
     staged_dir,
     write_generation_config,
 )
-from basque_jax.export.source import CheckpointArrays, HFSource, RunSource, resolve_source
+from basque_jax.export.source import CheckpointArrays
 from basque_jax.model.config import LlamaConfig
 from basque_jax.model.hf import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -48,6 +48,7 @@ from basque_jax.model.hf import (
 )
 from basque_jax.model.lora import TARGETS
 from basque_jax.model.peft_io import save_peft_adapter
+from basque_jax.runs import HFSource, RunSource, resolve_source
 
 EXPORT_DTYPES = ("bfloat16", "float32", "float16")
 
@@ -116,15 +117,13 @@ def _backbone_fetch(src: RunSource) -> tuple[Fetch, bool]:
             raise ExportError(f"{folder}/config.json no longer matches the checkpoint's "
                               f"model_config ({src.checkpoint_dir}/meta)")
         return _cast_fetch(fetch, cfg.model.param_dtype, cfg.lora.base_dtype), False
-    from basque_jax.sharding import MeshConfig, make_mesh, rules_with_overrides, use_sharding
-    from basque_jax.train.loop import build_model
+    from basque_jax.runs import backbone
+    from basque_jax.sharding import mesh_and_rules, use_sharding
 
-    mc = cfg.mesh
-    mesh = make_mesh(MeshConfig(dcn=mc.dcn, data=mc.data, fsdp=mc.fsdp, tensor=mc.tensor))
-    rules = rules_with_overrides(mc.rules)
+    mesh, rules = mesh_and_rules(cfg.mesh)
     with use_sharding(mesh, rules):
-        model = build_model(cfg, mesh, rules)  # same seed → the same random backbone
-    return model_fetch(model), jax.process_count() > 1
+        model = backbone(cfg, mesh, rules)  # same seed → the same random backbone
+    return _cast_fetch(model_fetch(model), cfg.lora.base_dtype), jax.process_count() > 1
 
 
 def _merged_plan(src: HFSource | RunSource) -> _Plan:

@@ -19,7 +19,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from basque_jax.errors import UserError
 from basque_jax.model.config import LlamaConfig
+from basque_jax.yaml_config import read_json_object
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "chat_template.jinja")
@@ -29,7 +31,7 @@ LLAMA31_INSTRUCT_STOP_IDS = [128001, 128008, 128009]
 LLAMA31_INSTRUCT_SAMPLING = {"do_sample": True, "temperature": 0.6, "top_p": 0.9}
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """An export that cannot be done as asked (the message says why and what to do)."""
 
 
@@ -85,12 +87,7 @@ def generation_config(config: LlamaConfig, backbone: Path | None, name: str) -> 
     Instruct stop ids when the backbone is instructed."""
     path = None if backbone is None else backbone / "generation_config.json"
     if path is not None and path.is_file():
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ExportError(f"{path}: invalid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise ExportError(f"{path}: expected a JSON object")
+        d = read_json_object(path, ExportError)
     else:
         d = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
         d = {k: v for k, v in d.items() if v is not None}

@@ -49,20 +49,16 @@ def resolve_implementation(name: str) -> str:
 
 def attention(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, implementation: str = "xla",
-    causal_prefix: bool = False,
 ) -> jax.Array:
-    """Scaled dot-product attention with grouped-query heads; returns ``[b, q_len, heads, d]``.
+    """Scaled dot-product attention with grouped-query heads; returns ``[b, len, heads, d]``.
 
-    ``causal_prefix``: queries and keys are the same slots ``0..len-1`` in every row (training),
-    so a block of queries needs only the keys up to its end; the XLA kernel then skips the
-    blocks above the diagonal.
+    Queries and keys are the same slots ``0..len-1`` of every row (the model's forward), so a
+    block of queries needs only the keys up to its end; the XLA kernel skips the blocks above
+    the diagonal. Decoding against a cache uses :func:`cached_attention`.
     """
     impl = resolve_implementation(implementation)
     if impl in ("splash", "splash_interpret"):
-        if q.shape[1] != k.shape[1]:  # decode / cache steps: the kernel wants square blocks
-            impl = "xla"
-        else:
-            return splash_attention(q, k, v, mask, interpret=impl == "splash_interpret")
+        return splash_attention(q, k, v, mask, interpret=impl == "splash_interpret")
     if impl in ("dot_product", "cudnn"):
         groups = q.shape[2] // k.shape[2]
         k_rep = jnp.repeat(k, groups, axis=2) if impl == "dot_product" else k
@@ -72,8 +68,7 @@ def attention(
                 "cudnn" if impl == "cudnn" else "xla"
             ),
         )
-    blocks = causal_query_blocks(q.shape[1]) if causal_prefix and q.shape[1] == k.shape[1] else 1
-    return xla_attention(q, k, v, mask, query_blocks=blocks)
+    return xla_attention(q, k, v, mask, query_blocks=causal_query_blocks(q.shape[1]))
 
 
 def causal_query_blocks(length: int, min_block: int = 128, max_blocks: int = 4) -> int:
@@ -113,6 +108,18 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask,
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
+def cached_attention(q: jax.Array, k_t: jax.Array, v: jax.Array, mask: AttentionMask
+                     ) -> jax.Array:
+    """:func:`xla_attention` over a KV cache held in decode layout: keys transposed
+    ``k_t [b, kv, d, s]`` and values ``[b, kv, s, d]``, so both matmuls read the cache as
+    stored (no per-step transpose). ``q [b, t, heads, d]``; returns the same shape."""
+    b, t, h, d = q.shape
+    kv_heads = k_t.shape[1]
+    qh = q.reshape(b, t, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4)
+    out = _attend(qh, k_t, v, mask.dense())
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
 def _attend(qh: jax.Array, kh: jax.Array, vh: jax.Array, allowed: jax.Array) -> jax.Array:
     """``qh [b, kv, g, t, d]`` over ``kh [b, kv, d, s]`` and ``vh [b, kv, s, d]`` where
     ``allowed [b, t, s]``; returns ``[b, kv, g, t, d]``."""
@@ -140,7 +147,7 @@ def splash_attention(
         splash_attention_kernel as sk,
     )
 
-    from basque_jax.sharding import current_sharding
+    from basque_jax.sharding import current_sharding, mesh_size
 
     b, t, h, d = q.shape
     block = _splash_block(t)
@@ -160,8 +167,8 @@ def splash_attention(
     if q_spec[2] is not None or q_spec[3] is not None:
         raise ValueError(f"splash attention cannot shard the sequence or head_dim axes "
                          f"(spec {q_spec}); map logical axes 'sequence'/'head_dim' to None")
-    head_shards = _spec_size(ctx.mesh, q_spec[1])
-    if h % head_shards or k.shape[2] % _spec_size(ctx.mesh, kv_spec[1]):
+    head_shards = mesh_size(ctx.mesh, q_spec[1])
+    if h % head_shards or k.shape[2] % mesh_size(ctx.mesh, kv_spec[1]):
         raise ValueError(f"{h} query / {k.shape[2]} KV heads do not split over "
                          f"{head_shards} tensor shards")
     kernel = _splash_kernel(t, h // head_shards, block, interpret)
@@ -175,14 +182,6 @@ def splash_attention(
                         out_specs=q_spec, check_vma=False)(qh, kh, vh, mask.q_segments,
                                                            mask.kv_segments)
     return jnp.swapaxes(out, 1, 2)
-
-
-def _spec_size(mesh, entry) -> int:
-    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-    size = 1
-    for n in names:
-        size *= mesh.shape[n]
-    return size
 
 
 def _splash_block(seq_len: int) -> int:

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from basque_jax.errors import ConfigError
+from basque_jax.errors import ConfigError, InputNotFound
+from basque_jax.yaml_config import read_json_object
 
 ROPE_TYPES = ("default", "linear", "llama3")
-
-
+DTYPES = ("float32", "bfloat16", "float16")  # what parameters and activations may be held in
 
 
 @dataclass(frozen=True)
@@ -170,12 +170,8 @@ class LlamaConfig:
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such config.json")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: invalid JSON ({e})") from None
-        return cls.from_hf_dict(d, source=str(path))
+            raise InputNotFound(f"{path}: no such config.json")
+        return cls.from_hf_dict(read_json_object(path), source=str(path))
 
     def to_hf_dict(self, torch_dtype: str = "bfloat16") -> dict[str, Any]:
         """The ``config.json`` dict transformers (4.x and 5.x) and vLLM read."""

@@ -24,6 +24,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
+from basque_jax.errors import InputNotFound, UserError
 from basque_jax.model.config import LlamaConfig
 from basque_jax.model.llama import Llama
 from basque_jax.model.safetensors_io import SafetensorsFile, write_safetensors
@@ -52,7 +53,7 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint folder that does not hold the expected Llama tensors."""
 
 
@@ -156,7 +157,7 @@ def _open_folder(path: str | Path) -> tuple[LlamaConfig, _Checkpoint, list[Tenso
     """Config, tensor index and key map of a Hugging Face folder, names validated."""
     folder = Path(path)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: model folder does not exist")
+        raise InputNotFound(f"{folder}: model folder does not exist")
     config = LlamaConfig.from_hf_file(folder)
     ckpt = _Checkpoint(folder)
     entries = key_map(config)

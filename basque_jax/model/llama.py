@@ -4,13 +4,11 @@
   with ``jax.lax.scan``; the scanned body is rematerialised per :data:`REMAT_POLICIES`.
 * Every parameter carries ``logical_axes`` metadata; activations are pinned with
   :func:`basque_jax.sharding.constrain`. The mapping to mesh axes lives in ``sharding.py`` only.
-* Training, prefill and one-token decode run the same code: with a :class:`KVCache` the new keys
-  and values are written at each row's ``end`` slot and attention reads the whole cache.
+* One forward: ``__call__`` (training, scoring, prefill of whole sequences). Decoding with a KV
+  cache reuses these modules, mask and attention math in :mod:`basque_jax.model.decode`.
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,24 +26,6 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "everything": jax.checkpoint_policies.everything_saveable,
 }
-
-
-class KVCache(NamedTuple):
-    """Preallocated keys/values ``[layers, batch, max_len, kv_heads, head_dim]``.
-
-    ``segment_ids [batch, max_len]`` marks filled slots (0 = empty or padding) and ``end [batch]``
-    is the next slot each row writes to. Rows are independent, so a finished row can be reset
-    and refilled without touching the others.
-    """
-
-    k: jax.Array
-    v: jax.Array
-    segment_ids: jax.Array
-    end: jax.Array
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[2]
 
 
 def _normal(std: float):
@@ -123,7 +103,7 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    """Grouped-query self-attention with rotary embeddings and an optional KV cache."""
+    """Grouped-query self-attention with rotary embeddings."""
 
     def __init__(self, cfg: LlamaConfig, *, num_layers, param_dtype, dtype, attention_impl, rngs):
         hd = cfg.resolved_head_dim
@@ -139,8 +119,7 @@ class Attention(nnx.Module):
         self.head_dim = hd
         self.attention_impl = attention_impl
 
-    def __call__(self, x, cos, sin, mask: AttentionMask, cache_kv=None, write_start=None,
-                 dropout_key=None):
+    def __call__(self, x, cos, sin, mask: AttentionMask, dropout_key=None):
         b, t, _ = x.shape
         keys = _projection_keys(dropout_key, 4)
         q = self.q_proj(x, keys[0]).reshape(b, t, self.num_heads, self.head_dim)
@@ -149,15 +128,9 @@ class Attention(nnx.Module):
         q = constrain(apply_rope(q, cos, sin), ("batch", "sequence", "act_heads", "head_dim"))
         k = constrain(apply_rope(k, cos, sin), ("batch", "sequence", "act_kv_heads", "head_dim"))
         v = constrain(v, ("batch", "sequence", "act_kv_heads", "head_dim"))
-        new_cache = None
-        if cache_kv is not None:
-            k = _write_rows(cache_kv[0], k.astype(cache_kv[0].dtype), write_start)
-            v = _write_rows(cache_kv[1], v.astype(cache_kv[1].dtype), write_start)
-            new_cache = (k, v)
-        out = attention(q, k, v, mask, implementation=self.attention_impl,
-                        causal_prefix=cache_kv is None)
+        out = attention(q, k, v, mask, implementation=self.attention_impl)
         out = constrain(out, ("batch", "sequence", "act_heads", "head_dim"))
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim), keys[3]), new_cache
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim), keys[3])
 
 
 class MLP(nnx.Module):
@@ -189,13 +162,11 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, num_layers=num_layers, param_dtype=param_dtype, dtype=dtype,
                        rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, cache_kv=None, write_start=None, dropout_key=None):
+    def __call__(self, x, cos, sin, mask, dropout_key=None):
         attn_key, mlp_key = _projection_keys(dropout_key, 2)
-        attn, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv,
-                                         write_start, attn_key)
-        x = x + attn
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, attn_key)
         x = x + self.mlp(self.post_attention_layernorm(x), mlp_key)
-        return constrain(x, ("batch", "sequence", "act_embed")), new_cache
+        return constrain(x, ("batch", "sequence", "act_embed"))
 
 
 class Embed(nnx.Module):
@@ -265,96 +236,54 @@ class Llama(nnx.Module):
         input_ids: jax.Array,
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
-        cache: KVCache | None = None,
         *,
         return_hidden: bool = False,
         dropout_key: jax.Array | None = None,
         inputs_embeds: jax.Array | None = None,
-    ):
-        """Logits ``[batch, seq, vocab]`` (and the updated cache when one is given).
+    ) -> jax.Array:
+        """Logits ``[batch, seq, vocab]``.
 
-        ``positions`` default to each token's slot (``arange`` without a cache); ``segment_ids``
-        default to one document per row; 0 marks padding. With ``return_hidden`` the final
-        normalised hidden states are returned instead of logits (for chunked losses).
-        ``dropout_key`` turns on LoRA dropout (training); it is split per layer and folded in per
-        projection, so the result is a pure function of the key. ``inputs_embeds`` replaces the
-        embedding lookup of ``input_ids`` (e.g. NEFTune-noised embeddings).
+        ``positions`` default to each token's index; ``segment_ids`` default to one document
+        per row; 0 marks padding (tokens attend within their own segment, causally). With
+        ``return_hidden`` the final normalised hidden states are returned instead of logits
+        (for chunked losses). ``dropout_key`` turns on LoRA dropout (training); it is split per
+        layer and folded in per projection, so the result is a pure function of the key.
+        ``inputs_embeds`` replaces the embedding lookup of ``input_ids`` (e.g. NEFTune).
         """
         b, t = input_ids.shape
         seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-        if cache is None:
-            slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            mask = AttentionMask(slots, slots, seg, seg)
-            write_start = None
-        else:
-            write_start = cache.end
-            slots = write_start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-            cache_seg = _write_rows(cache.segment_ids, seg, write_start)
-            kv_slots = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32),
-                                        (b, cache.max_len))
-            mask = AttentionMask(slots, kv_slots, seg, cache_seg)
+        slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        mask = AttentionMask(slots, slots, seg, seg)
         pos = slots if positions is None else positions.astype(jnp.int32)
         cos, sin = rope_tables(pos, inverse_frequencies(self.config))
 
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         x = constrain(x.astype(self.dtype), ("batch", "sequence", "act_embed"))
-        x, new_kv = self._run_layers(x, cos, sin, mask, cache, write_start, dropout_key)
-        x = self.norm(x)
-        new_cache = None
-        if cache is not None:
-            new_cache = KVCache(new_kv[0], new_kv[1], mask.kv_segments,
-                                cache.end + jnp.sum(seg != 0, axis=-1, dtype=jnp.int32))
-        out = x if return_hidden else self.logits(x)
-        return out if cache is None else (out, new_cache)
+        x = self.norm(self._run_layers(x, cos, sin, mask, dropout_key))
+        return x if return_hidden else self.logits(x)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Output projection (tied to the embedding for Llama 3.2)."""
         out = self.embed_tokens.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
         return constrain(out, ("batch", "sequence", "act_vocab"))
 
-    def _run_layers(self, x, cos, sin, mask, cache, write_start, dropout_key=None):
+    def _run_layers(self, x, cos, sin, mask, dropout_key=None):
         graphdef, state = nnx.split(self.layers)
 
         def body(carry, xs):
-            layer_state, kv, key = xs
-            layer = nnx.merge(graphdef, layer_state)
-            y, new_kv = layer(carry, cos, sin, mask, kv, write_start, key)
-            return y, new_kv
+            layer_state, key = xs
+            return nnx.merge(graphdef, layer_state)(carry, cos, sin, mask, key), None
 
-        policy = REMAT_POLICIES[self.remat]
         if self.remat != "none":
             # A loop already keeps XLA from merging the recomputation into the forward pass;
             # unrolled layers need the explicit barrier.
-            body = jax.checkpoint(body, policy=policy, prevent_cse=self.scan_unroll != 1)
-        kv_in = None if cache is None else (cache.k, cache.v)
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat],
+                                  prevent_cse=self.scan_unroll != 1)
         keys = None if dropout_key is None else jax.random.split(
             dropout_key, self.config.num_hidden_layers)
-        return jax.lax.scan(body, x, (state, kv_in, keys), unroll=self.scan_unroll)
-
-    # ------------------------------------------------------------------ cache
-    def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype | None = None) -> KVCache:
-        """An empty cache for ``batch`` rows of up to ``max_len`` tokens."""
-        cfg = self.config
-        shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads,
-                 cfg.resolved_head_dim)
-        dtype = dtype or self.dtype
-        return KVCache(
-            k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-            segment_ids=jnp.zeros((batch, max_len), jnp.int32),
-            end=jnp.zeros((batch,), jnp.int32),
-        )
+        return jax.lax.scan(body, x, (state, keys), unroll=self.scan_unroll)[0]
 
 
 def _projection_keys(key: jax.Array | None, n: int) -> list[jax.Array | None]:
     """``n`` independent keys folded from ``key`` (all None without one)."""
     return [None] * n if key is None else [jax.random.fold_in(key, i) for i in range(n)]
-
-
-def _write_rows(buffer: jax.Array, update: jax.Array, start: jax.Array) -> jax.Array:
-    """Write ``update [b, t, ...]`` into ``buffer [b, s, ...]`` at per-row slot ``start [b]``."""
-
-    def one(buf, upd, s):
-        index = (s,) + (0,) * (buf.ndim - 1)
-        return jax.lax.dynamic_update_slice(buf, upd, index)
-
-    return jax.vmap(one)(buffer, update, start)

@@ -9,7 +9,6 @@ the input-dim axis (rank replicated), B keeps the output-dim axis.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from basque_jax.errors import ConfigError, UserError
+from basque_jax.model.config import DTYPES
 from basque_jax.model.llama import Linear
 
 # HF projection name → its parent module inside a decoder layer.
@@ -31,32 +32,50 @@ ALL_TARGETS: tuple[str, ...] = tuple(TARGETS)
 ADAPTER_DTYPE = jnp.float32
 
 
+METADATA_FIELDS = ("rank", "alpha", "dropout", "targets", "use_rslora", "base_model")
+
+
 @dataclass(frozen=True)
 class LoraConfig:
-    """Rank, alpha, dropout, target projections (HF names), rsLoRA and the base model's name."""
+    """Adapters on the projections (the run config's ``lora:`` section).
 
-    rank: int
-    alpha: float
+    rank / alpha / dropout / targets (HF projection names) / use_rslora: the adapters.
+    base_model: the backbone's name, recorded in checkpoints and PEFT exports.
+    enabled: a training run attaches adapters (false: full fine-tuning); ``apply_lora``
+      itself ignores it. base_dtype: cast the frozen base to this dtype (e.g. bfloat16).
+    init_from: a PEFT adapter folder to continue training from; its rank, alpha, targets and
+      rsLoRA then replace the ones given here (``dropout`` stays).
+    """
+
+    rank: int = 16
+    alpha: float = 32.0
     dropout: float = 0.0
     targets: tuple[str, ...] = ALL_TARGETS
     use_rslora: bool = False
     base_model: str | None = None
+    enabled: bool = False
+    base_dtype: str | None = None
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", tuple(self.targets))
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}")
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            raise ConfigError(f"lora.rank: must be a positive integer, got {self.rank!r}")
         if not self.alpha > 0:
-            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha!r}")
+            raise ConfigError(f"lora.alpha: must be > 0, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
-        if not self.targets:
-            raise ValueError(f"LoRA targets are empty; choose from {ALL_TARGETS}")
+            raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.dropout!r}")
         unknown = [t for t in self.targets if t not in TARGETS]
-        if unknown:
-            raise ValueError(f"unknown LoRA targets {unknown}; choose from {ALL_TARGETS}")
+        if unknown or not self.targets:
+            raise ConfigError(f"lora.targets: unknown {unknown or 'empty list'}; choose from "
+                              f"{ALL_TARGETS}")
         if len(set(self.targets)) != len(self.targets):
-            raise ValueError(f"duplicate LoRA targets in {self.targets}")
+            raise ConfigError(f"lora.targets: duplicate targets in {list(self.targets)}")
+        if self.base_dtype is not None and self.base_dtype not in DTYPES:
+            raise ConfigError(f"lora.base_dtype: expected one of {DTYPES}, got "
+                              f"{self.base_dtype!r}")
+        if self.init_from and not self.enabled:
+            raise ConfigError("lora.init_from: set lora.enabled: true to train the adapter")
 
     @property
     def scale(self) -> float:
@@ -64,15 +83,15 @@ class LoraConfig:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
     def to_metadata(self) -> dict[str, Any]:
-        """JSON-ready dict (see :func:`lora_metadata`)."""
-        d = dataclasses.asdict(self)
+        """What a checkpoint or PEFT export records: the adapters' own fields."""
+        d = {f: getattr(self, f) for f in METADATA_FIELDS}
         d["targets"] = list(self.targets)
         return d
 
     @classmethod
     def from_metadata(cls, d: dict[str, Any]) -> LoraConfig:
         """Inverse of :meth:`to_metadata`."""
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+        return cls(**{f: d[f] for f in METADATA_FIELDS if f in d})
 
 
 def _targeted(model: nnx.Module, targets: Sequence[str]) -> Iterator[tuple[str, Linear]]:
@@ -142,11 +161,11 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Mod
     found = list(_targeted(model, cfg.targets))
     missing = [t for t in cfg.targets if t not in {name for name, _ in found}]
     if missing:
-        raise ValueError(f"LoRA targets {missing} match no projection in "
+        raise UserError(f"LoRA targets {missing} match no projection in "
                          f"{type(model).__name__}")
     for name, linear in found:
         if linear.lora_a is not None:
-            raise ValueError(f"{name} already has LoRA adapters; merge_lora first")
+            raise UserError(f"{name} already has LoRA adapters; merge_lora first")
     plans = [_plan(linear, cfg.rank) for _, linear in found]
     arrays = _init_adapters(plans, [rngs.params() for _ in found])
     for (_, linear), plan, (a, b) in zip(found, plans, arrays, strict=True):

@@ -12,6 +12,7 @@ naming the file and key); :func:`load_peft_adapter` attaches it to a model to co
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping
@@ -23,9 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from basque_jax.errors import UserError
 from basque_jax.model.hf import LAYER_KEYS
 from basque_jax.model.lora import TARGETS, LoraConfig, _targeted, apply_lora
 from basque_jax.model.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
+from basque_jax.yaml_config import read_json_object
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -33,7 +36,7 @@ CONFIG_FILE = "adapter_config.json"
 Adapters = Mapping[str, tuple[np.ndarray, np.ndarray]]
 
 
-class AdapterError(ValueError):
+class AdapterError(UserError):
     """A PEFT adapter folder that cannot be read or does not fit the model."""
 
 
@@ -113,12 +116,7 @@ _UNSUPPORTED = ("use_dora", "bias", "fan_in_fan_out", "modules_to_save", "layers
 def _read_config(path: Path) -> tuple[LoraConfig, dict[str, Any]]:
     if not path.is_file():
         raise AdapterError(f"{path}: adapter_config.json not found")
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise AdapterError(f"{path}: expected a JSON object")
+    d = read_json_object(path, AdapterError)
     if d.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{path}: peft_type {d.get('peft_type')!r} is not LORA")
     for key in ("r", "lora_alpha", "target_modules"):
@@ -213,10 +211,8 @@ def load_peft_adapter(model: nnx.Module, folder: str | Path, *, dropout: float |
     num_layers = getattr(config, "num_hidden_layers", None)
     cfg, adapters = read_peft_adapter(folder, num_layers)
     if dropout is not None or base_model is not None:
-        cfg = LoraConfig(rank=cfg.rank, alpha=cfg.alpha,
-                         dropout=cfg.dropout if dropout is None else dropout,
-                         targets=cfg.targets, use_rslora=cfg.use_rslora,
-                         base_model=base_model or cfg.base_model)
+        cfg = dataclasses.replace(cfg, dropout=cfg.dropout if dropout is None else dropout,
+                                  base_model=base_model or cfg.base_model)
     existing = getattr(model, "lora_config", None)
     if existing is None:
         apply_lora(model, cfg, rngs=nnx.Rngs(0))

@@ -8,9 +8,9 @@ once); each call only swaps the weights in.
 
 from __future__ import annotations
 
-import json
 import os
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import jax
@@ -18,25 +18,54 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
-from basque_jax.config import RunConfig, SampleSection
 from basque_jax.data.chat import ChatEncoder
 from basque_jax.data.tokenizer import EOS, EOT, Tokenizer
-from basque_jax.sample.sampler import Request, Sampler
+from basque_jax.errors import ConfigError
+from basque_jax.jsonl_log import JsonlLog
+from basque_jax.sample.sampler import Request, Sampler, SamplerConfig
 from basque_jax.sample.sampling import SamplingParams
+
+
+@dataclass
+class TrainingSamplesConfig:
+    """The run config's ``sample:`` section: every ``every`` steps (0: never) ``prompts`` are
+    completed with the weights being trained and logged to ``samples.jsonl``.
+
+    chat: prompts are user messages through ``data.chat_template`` (else raw text after BOS).
+    temperature 0 is greedy; ``seed`` fixes sampled completions across steps.
+    """
+
+    every: int = 0
+    prompts: list[str] = field(default_factory=list)
+    chat: bool = True
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"sample.every: must be >= 0, got {self.every}")
+        if self.every and not self.prompts:
+            raise ConfigError("sample.prompts: give at least one prompt to sample every "
+                              f"{self.every} steps")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"sample.max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ConfigError("sample: temperature must be >= 0, top_p in (0, 1], top_k >= 0")
 
 
 class TrainingSampler:
     """``sampler(step, *params) -> records``; appends them to ``<out_dir>/samples.jsonl``."""
 
-    def __init__(self, cfg: SampleSection, tokenizer: Tokenizer, graphdef: nnx.GraphDef,
+    def __init__(self, cfg: TrainingSamplesConfig, tokenizer: Tokenizer, graphdef: nnx.GraphDef,
                  params: tuple[Any, ...], mesh: Mesh, rules: dict[str, Any],
                  out_dir: str | os.PathLike, *, chat_template: str = "llama31",
                  chat_date: str = "26 Jul 2024", system_prompt: str = ""):
         self.cfg = cfg
         self.tok = tokenizer
-        self.path = epath.Path(out_dir) / "samples.jsonl"
-        self.remote = "://" in os.fspath(out_dir)  # object stores cannot append: rewrite
-        self._lines: list[str] = []
+        self.log = JsonlLog(epath.Path(out_dir) / "samples.jsonl")
         stops = tuple(tokenizer.token_id(t) for t in (EOT, EOS) if _has(tokenizer, t))
         self.params = SamplingParams(cfg.temperature, cfg.top_k, cfg.top_p, 0.0,
                                      cfg.max_new_tokens, stops)
@@ -50,8 +79,8 @@ class TrainingSampler:
             ids = [bos + tokenizer.encode(p) for p in cfg.prompts]
         self.requests = [Request(p, self.params, cfg.seed + i, i) for i, p in enumerate(ids)]
         max_len = max(len(p) for p in ids) + cfg.max_new_tokens
-        self.sampler = Sampler(graphdef=graphdef, params=params, batch_size=len(ids),
-                               max_len=max_len, mesh=mesh, rules=rules)
+        self.sampler = Sampler(config=SamplerConfig(batch_size=len(ids), max_len=max_len),
+                               graphdef=graphdef, params=params, mesh=mesh, rules=rules)
 
     def __call__(self, step: int, *params: Any) -> list[dict[str, Any]]:
         """Complete the prompts with ``params`` (the run's current states) and log them."""
@@ -64,35 +93,11 @@ class TrainingSampler:
                     "seconds": round(seconds, 3)}
                    for prompt, c in zip(self.cfg.prompts, completions, strict=True)]
         if jax.process_index() == 0:
-            self._write([json.dumps(r, ensure_ascii=False) + "\n" for r in records])
+            self.log.append(records)
             for r in records:
                 print(f"[sample] step {step}: {r['prompt']!r} -> {r['completion']!r}",
                       flush=True)
         return records
-
-    def _write(self, lines: list[str]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.remote:
-            if not self._lines and self.path.exists():
-                self._lines = self.path.read_text().splitlines(keepends=True)
-            self._lines += lines
-            self.path.write_text("".join(self._lines))
-        else:
-            with self.path.open("a") as f:
-                f.write("".join(lines))
-
-
-def attached_sampler(cfg: RunConfig, tokenizer: Tokenizer, setup: Any,
-                     out_dir: str | os.PathLike) -> TrainingSampler | None:
-    """The run's :class:`TrainingSampler` (None unless ``sample.every``), for ``setup`` (a
-    ``train.loop.TrainSetup``: graphdef, live states, mesh, rules)."""
-    if not cfg.sample.every:
-        return None
-    d = cfg.data
-    return TrainingSampler(cfg.sample, tokenizer, setup.graphdef, (setup.state.params,
-                                                                   setup.frozen),
-                           setup.mesh, setup.rules, out_dir, chat_template=d.chat_template,
-                           chat_date=d.chat_date, system_prompt=d.system_prompt)
 
 
 def _has(tokenizer: Tokenizer, token: str) -> bool:

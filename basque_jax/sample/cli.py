@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from collections.abc import Callable
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
@@ -38,19 +37,9 @@ def add_sample_parsers(sub: argparse._SubParsersAction) -> None:
     flt.set_defaults(func=_cmd_filter)
 
 
-def _config_error(command: str, e: Exception) -> int:
-    print(f"basque-jax {command}: {e}", file=sys.stderr)
-    return 2
-
-
 def _run_job(command: str, args: argparse.Namespace, load: Callable, run: Callable) -> int:
-    """Load ``command``'s config (with overrides) and run it; config errors exit 2."""
-    from basque_jax.data.config import ConfigError
-
-    try:
-        result = run(load(args.config, args.overrides))
-    except (ConfigError, FileNotFoundError) as e:
-        return _config_error(command, e)
+    """Load ``command``'s config (with overrides) and run it."""
+    result = run(load(args.config, args.overrides))
     print(f"[{command}] done: {json.dumps(result)}")
     return 0
 
@@ -70,22 +59,19 @@ def _cmd_translate(args: argparse.Namespace) -> int:
 
 
 def _cmd_filter(args: argparse.Namespace) -> int:
-    from basque_jax.config import apply_overrides, read_yaml
-    from basque_jax.data.config import ConfigError
+    from basque_jax.errors import UserError
     from basque_jax.sample.filters import FilterConfig, filter_files
+    from basque_jax.yaml_config import apply_overrides, build, load_yaml_config
 
     paths = [p for p in args.paths if not _OVERRIDE.match(p)]
     overrides = [p for p in args.paths if _OVERRIDE.match(p)] + args.overrides
     if len(paths) < 2:
-        print("basque-jax filter: give at least one input and the output path", file=sys.stderr)
-        return 2
+        raise UserError("give at least one input and the output path")
     *inputs, output = paths
-    try:
-        d = read_yaml(args.config) if args.config else {}
-        d = d.get("filters", d)
-        cfg = FilterConfig.from_dict(apply_overrides(d, overrides))
-        report = filter_files(inputs, output, cfg, args.report)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        return _config_error("filter", e)
+    if args.config:
+        cfg = load_yaml_config(FilterConfig, args.config, overrides, section="filters")
+    else:
+        cfg = build(FilterConfig, apply_overrides({}, overrides), "filters")
+    report = filter_files(inputs, output, cfg, args.report)
     print(json.dumps({k: report[k] for k in ("input", "kept", "removed")}))
     return 0

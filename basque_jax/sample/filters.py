@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from basque_jax.data.config import ConfigError, _build
+from basque_jax.errors import ConfigError, InputNotFound
+from basque_jax.yaml_config import build
 
 FILTER_ORDER = ("status", "length", "repetition", "translation_task", "language",
                 "exact_duplicate", "near_duplicate")
@@ -104,7 +105,7 @@ class FilterConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "filters") -> FilterConfig:
-        return _build(cls, d, where)
+        return build(cls, d, where)
 
 
 def _lingua_language(code: str, where: str):
@@ -263,7 +264,7 @@ def filter_files(inputs: Iterable[str | Path], output: str | Path, cfg: FilterCo
         p = Path(item)
         found = shard_paths(p) if p.is_dir() else sorted(p.parent.glob(p.name))
         if not found:
-            raise FileNotFoundError(f"{item}: no JSONL files (or shard-*.jsonl in a folder)")
+            raise InputNotFound(f"{item}: no JSONL files (or shard-*.jsonl in a folder)")
         paths.extend(found)
     chain = Filters(cfg)
     out = Path(output)

@@ -27,7 +27,7 @@ import jax
 from basque_jax.data.chat import ChatEncoder
 from basque_jax.data.tokenizer import BOS, EOT, Tokenizer
 from basque_jax.sample.config import GenerateConfig
-from basque_jax.sample.runtime import derive_seed, finish, load_model, make_sampler
+from basque_jax.sample.runtime import derive_seed, finish, load_sampling_model, make_sampler
 from basque_jax.sample.sampler import Completion, PromptTooLong, Request, Sampler
 from basque_jax.sample.shards import ShardWriter, done_indices, todo_indices
 
@@ -139,9 +139,9 @@ class MagpieJob:
 
 def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
     """``basque-jax generate``: resume, generate this process's share, filter at the end."""
-    loaded = load_model(cfg.model, cfg.mesh)
+    loaded, tokenizer = load_sampling_model(cfg.model, cfg.mesh)
     sampler = make_sampler(loaded, cfg.sampler)
-    job = MagpieJob(cfg, sampler, loaded.tokenizer, loaded.name)
+    job = MagpieJob(cfg, sampler, tokenizer, loaded.name)
     out = cfg.output.dir
     done = done_indices(out) if Path(out).is_dir() else set()
     todo = todo_indices(cfg.num_samples, done, jax.process_index(), jax.process_count())

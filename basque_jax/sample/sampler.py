@@ -1,8 +1,8 @@
 """Batched KV-cache sampling with continuous batching, compiled end to end.
 
 A :class:`Sampler` owns ``batch_size`` row slots over one preallocated KV cache (a per-layer
-:class:`~basque_jax.sample.forward.SlotCache`; the model's modules run through
-:func:`~basque_jax.sample.forward.forward`). Three compiled programs move a
+:class:`~basque_jax.model.decode.SlotCache`; the model's modules run through
+:func:`~basque_jax.model.decode.forward`). Three compiled programs move a
 :class:`DecodeState` (cache + per-row bookkeeping), which is donated to each of them so the
 cache is updated in place:
 
@@ -23,6 +23,8 @@ does not depend on which other requests share its batch.
 
 On a mesh (``mesh=``) rows are split over the batch axes and weights stay where training put
 them (tensor-parallel heads, FSDP); the model's activation constraints apply as in training.
+:meth:`Sampler.lower_decode` gives the decode program for ahead-of-time compilation (the
+decode memory ``basque-jax plan`` reports).
 """
 
 from __future__ import annotations
@@ -40,9 +42,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from basque_jax.model.llama import Llama
-from basque_jax.model.lora import has_lora
-from basque_jax.sample.forward import (
+from basque_jax.errors import ConfigError, UserError
+from basque_jax.model.decode import (
     CACHE_K_AXES,
     CACHE_V_AXES,
     SlotCache,
@@ -51,6 +52,8 @@ from basque_jax.sample.forward import (
     make_unstacker,
     slice_layers,
 )
+from basque_jax.model.llama import Llama
+from basque_jax.model.lora import has_lora
 from basque_jax.sample.sampling import (
     RowParams,
     SamplingParams,
@@ -59,9 +62,38 @@ from basque_jax.sample.sampling import (
     select_tokens,
     sort_mode,
 )
-from basque_jax.sharding import DEFAULT_RULES, MeshAxes, ShardingContext, use_sharding
+from basque_jax.sharding import (
+    DEFAULT_RULES,
+    MeshAxes,
+    ShardingContext,
+    batch_shards,
+    use_sharding,
+)
 
 MIN_BUCKET = 16
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """The ``sampler:`` section: row slots (rounded up to a multiple of the batch-sharding
+    mesh axes), cache length (every request needs ``len(prompt) + max_new_tokens <= max_len``),
+    decode steps between refills while requests wait, the most stop ids per request, the KV
+    cache dtype (default: the model's compute dtype) and per-layer weight copies (``unstack``,
+    default: on CPU, where they are fastest)."""
+
+    batch_size: int = 32
+    max_len: int = 4096
+    chunk_steps: int = 32
+    max_stop_ids: int = 8
+    cache_dtype: str | None = None
+    unstack: bool | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "chunk_steps", "max_stop_ids"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"sampler.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.max_len < 2:
+            raise ConfigError(f"sampler.max_len: must be >= 2, got {self.max_len}")
 
 
 class Request(NamedTuple):
@@ -90,14 +122,14 @@ class DecodeState(NamedTuple):
     last: jax.Array  # next token to feed
     done: jax.Array  # row finished (or empty)
     n_out: jax.Array  # tokens generated so far
-    out: jax.Array  # [batch, out_len] generated ids
+    out: jax.Array  # [batch, max_len] generated ids
     seeds: jax.Array  # uint32 request seeds
     params: RowParams
     max_new: jax.Array
     stops: jax.Array  # [batch, max_stop_ids], -1 padded
 
 
-class PromptTooLong(ValueError):
+class PromptTooLong(UserError):
     """A prompt plus its token budget does not fit the cache."""
 
 
@@ -111,41 +143,34 @@ class Sampler:
 
     Args:
       model: the model; or give ``graphdef`` and ``params`` (states that ``nnx.merge`` takes,
-        e.g. a training run's trainable and frozen parameters).
-      batch_size: row slots (rounded up to a multiple of the batch-sharding mesh axes).
-      max_len: cache length; every request needs ``len(prompt) + max_new_tokens <= max_len``.
-      chunk_steps: decode steps between refills while requests wait.
-      max_stop_ids: the most stop ids one request may have.
+        e.g. a training run's trainable and frozen parameters; ``ShapeDtypeStruct`` s for
+        :meth:`lower_decode`).
+      config: row slots, cache length, refill chunk, stop-id capacity (:class:`SamplerConfig`).
       mesh / rules: shard rows over the batch axes (weights keep their own placement).
-      cache_dtype: KV cache dtype (default: the model's compute dtype).
     """
 
-    def __init__(self, model: Llama | None = None, *, graphdef: nnx.GraphDef | None = None,
-                 params: Sequence[Any] | None = None, batch_size: int = 8,
-                 max_len: int = 512, chunk_steps: int = 32, max_stop_ids: int = 8,
-                 mesh: Mesh | None = None, rules: Mapping[str, MeshAxes] | None = None,
-                 cache_dtype: Any = None, unstack: bool | None = None):
+    def __init__(self, model: Llama | None = None, config: SamplerConfig | None = None, *,
+                 graphdef: nnx.GraphDef | None = None, params: Sequence[Any] | None = None,
+                 mesh: Mesh | None = None, rules: Mapping[str, MeshAxes] | None = None):
+        cfg = config or SamplerConfig()
         if model is not None:
             graphdef, *params = nnx.split(model)
         if graphdef is None or not params:
             raise ValueError("Sampler needs a model, or graphdef and params")
         self.graphdef = graphdef
-        self.unstack = jax.default_backend() == "cpu" if unstack is None else unstack
+        self.unstack = jax.default_backend() == "cpu" if cfg.unstack is None else cfg.unstack
         self.set_params(*params)
         abstract = nnx.merge(graphdef, *self.params)
         self.config = abstract.config
         self.vocab_size = self.config.vocab_size
-        self.cache_dtype = jnp.dtype(cache_dtype or abstract.dtype)
+        self.cache_dtype = jnp.dtype(cfg.cache_dtype or abstract.dtype)
         self.ctx = ShardingContext(mesh, dict(DEFAULT_RULES if rules is None else rules)) \
             if mesh is not None else None
-        rows = self._batch_shards()
-        self.batch_size = int(math.ceil(batch_size / rows) * rows)
-        if max_len < 2:
-            raise ValueError(f"max_len must be >= 2, got {max_len}")
-        self.max_len = max_len
-        self.out_len = max_len
-        self.chunk_steps = chunk_steps
-        self.max_stop_ids = max_stop_ids
+        rows = 1 if self.ctx is None else batch_shards(self.ctx.mesh, self.ctx.rules)
+        self.batch_size = int(math.ceil(cfg.batch_size / rows) * rows)
+        self.max_len = cfg.max_len
+        self.chunk_steps = cfg.chunk_steps
+        self.max_stop_ids = cfg.max_stop_ids
         self._init = jax.jit(self._init_fn, out_shardings=self._state_shardings())
         donate = dict(donate_argnums=1, out_shardings=self._state_shardings())
         self._prefill_all = jax.jit(self._prefill_all_fn, static_argnames="mode", **donate)
@@ -215,7 +240,7 @@ class Sampler:
                 active = [r for r in slots if r is not None]
                 if not active:
                     return
-                steps = self.out_len if (drain and not pending) else self.chunk_steps
+                steps = self.max_len if (drain and not pending) else self.chunk_steps
                 mode = sort_mode([r.params for r in active], self.vocab_size)
                 state = self._decode(self._weights(), state, jnp.int32(steps), mode=mode)
                 done, n_out, out = jax.device_get((state.done, state.n_out, state.out))
@@ -226,19 +251,19 @@ class Sampler:
 
     # ------------------------------------------------------------------ host helpers
     def check(self, req: Request) -> None:
-        """ValueError (:class:`PromptTooLong` for length) if ``req`` cannot run here."""
+        """UserError (:class:`PromptTooLong` for length) if ``req`` cannot run here."""
         n, p = len(req.prompt), req.params
         if n == 0:
-            raise ValueError("empty prompt")
+            raise UserError("empty prompt")
         if n + p.max_new_tokens > self.max_len:
             raise PromptTooLong(f"prompt of {n} tokens + max_new_tokens {p.max_new_tokens} "
                                 f"exceeds the sampler's max_len {self.max_len}")
         if len(p.stop_ids) > self.max_stop_ids:
-            raise ValueError(f"{len(p.stop_ids)} stop ids; the sampler allows "
+            raise UserError(f"{len(p.stop_ids)} stop ids; the sampler allows "
                              f"{self.max_stop_ids} (max_stop_ids)")
         bad = [t for t in [*req.prompt, *p.stop_ids] if not 0 <= t < self.vocab_size]
         if bad:
-            raise ValueError(f"token ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
+            raise UserError(f"token ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
 
     def _row_arrays(self, reqs: Sequence[Request | None], width: int) -> dict[str, np.ndarray]:
         n = len(reqs)
@@ -282,13 +307,6 @@ class Sampler:
             with use_sharding(self.ctx.mesh, self.ctx.rules):
                 yield
 
-    def _batch_shards(self) -> int:
-        if self.ctx is None:
-            return 1
-        spec = self.ctx.spec(("batch",))[0]
-        names = () if spec is None else (spec,) if isinstance(spec, str) else spec
-        return math.prod(self.ctx.mesh.shape[n] for n in names)
-
     def _state_shardings(self) -> DecodeState | None:
         if self.ctx is None:
             return None
@@ -304,6 +322,19 @@ class Sampler:
             cache=SlotCache(k, v, sh("batch", "cache_sequence"), row), last=row, done=row,
             n_out=row, out=sh("batch", None), seeds=row, params=RowParams(row, row, row, row),
             max_new=row, stops=sh("batch", None))
+
+    def lower_decode(self, mode: SortMode = "greedy") -> tuple[Any, tuple[Any, ...]]:
+        """The decode program (``chunk_steps`` steps of every row against the full cache),
+        lowered for the weights given (real or abstract) without running anything, and its
+        abstract arguments: compile it for its memory analysis, e.g. for a TPU topology."""
+        with self._sharding():
+            state = jax.eval_shape(self._init)
+            if self.ctx is not None:
+                state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                       sharding=s),
+                                     state, self._state_shardings())
+            args = (self._weights(), state, jnp.int32(self.chunk_steps))
+            return self._decode.lower(*args, mode=mode), args
 
     # ------------------------------------------------------------------ compiled programs
     def _weights(self) -> tuple[Any, ...]:
@@ -324,7 +355,7 @@ class Sampler:
         return DecodeState(
             cache=init_slot_cache(self.config, b, self.max_len, self.cache_dtype), last=zeros,
             done=jnp.ones((b,), bool), n_out=zeros,
-            out=jnp.zeros((b, self.out_len), jnp.int32), seeds=jnp.zeros((b,), jnp.uint32),
+            out=jnp.zeros((b, self.max_len), jnp.int32), seeds=jnp.zeros((b,), jnp.uint32),
             params=RowParams(jnp.zeros((b,)), zeros, jnp.ones((b,)), jnp.zeros((b,))),
             max_new=jnp.ones((b,), jnp.int32),
             stops=jnp.full((b, self.max_stop_ids), -1, jnp.int32))
@@ -350,7 +381,7 @@ class Sampler:
                     ) -> dict[str, jax.Array]:
         """Per-row fields of freshly prefilled rows (``live``: rows holding a request)."""
         stop = jnp.any(first[:, None] == a["stops"], axis=-1)
-        out = jnp.zeros((first.shape[0], self.out_len), jnp.int32).at[:, 0].set(first)
+        out = jnp.zeros((first.shape[0], self.max_len), jnp.int32).at[:, 0].set(first)
         return dict(last=first, done=~live | stop | (a["max_new"] <= 1),
                     n_out=live.astype(jnp.int32), out=out, seeds=a["seeds"],
                     params=RowParams(a["temperature"], a["top_k"], a["top_p"], a["min_p"]),
@@ -379,7 +410,7 @@ class Sampler:
                    ) -> DecodeState:
         model, mods, fused = self._modules(weights)
         rows = jnp.arange(self.batch_size)
-        cap = self.out_len - 1
+        cap = self.max_len - 1
 
         def cond(carry):
             i, s = carry

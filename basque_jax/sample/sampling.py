@@ -15,11 +15,13 @@ distribution, min-p relative to the most likely token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from basque_jax.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class SamplingParams:
         ]
         for ok, msg in checks:
             if not ok:
-                raise ValueError(f"sampling: {msg}, got {self}")
+                raise ConfigError(f"sampling: {msg}, got {self}")
 
     @property
     def greedy(self) -> bool:
@@ -62,6 +64,41 @@ class SamplingParams:
         return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,
                 "min_p": self.min_p, "max_new_tokens": self.max_new_tokens,
                 "stop_ids": list(self.stop_ids), "include_stop": self.include_stop}
+
+
+@dataclass
+class SamplingConfig:
+    """Config form of :class:`SamplingParams`: stop tokens named by their vocabulary entry
+    (``<|eot_id|>``), resolved against the tokenizer at start-up (:meth:`params`). An empty
+    ``stop_tokens`` list means: the chat template's end-of-turn tokens."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    max_new_tokens: int = 512
+    stop_tokens: list[str] = field(default_factory=list)
+    include_stop: bool = False
+
+    def __post_init__(self) -> None:
+        try:
+            SamplingParams(self.temperature, self.top_k, self.top_p, self.min_p,
+                           self.max_new_tokens)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("sampling: ", "")) from None
+
+    def params(self, tokenizer, default_stops: tuple[int, ...] = ()) -> SamplingParams:
+        """Resolved against ``tokenizer`` (ConfigError naming an unknown stop token);
+        ``default_stops`` when no stop token is named."""
+        stops = []
+        for name in self.stop_tokens:
+            try:
+                stops.append(tokenizer.token_id(name))
+            except KeyError as e:
+                raise ConfigError(f"stop_tokens: {e.args[0]}") from None
+        return SamplingParams(self.temperature, self.top_k, self.top_p, self.min_p,
+                              self.max_new_tokens, tuple(stops) or default_stops,
+                              self.include_stop)
 
 
 class RowParams(NamedTuple):

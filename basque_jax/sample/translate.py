@@ -21,8 +21,9 @@ from basque_jax.data.chat import ChatEncoder
 from basque_jax.data.formats import BadRecord, parse_record
 from basque_jax.data.sources import open_random_access
 from basque_jax.data.tokenizer import Tokenizer
-from basque_jax.sample.config import ConfigError, TranslateConfig
-from basque_jax.sample.runtime import derive_seed, finish, load_model, make_sampler
+from basque_jax.errors import ConfigError
+from basque_jax.sample.config import TranslateConfig
+from basque_jax.sample.runtime import derive_seed, finish, load_sampling_model, make_sampler
 from basque_jax.sample.sampler import Completion, PromptTooLong, Request, Sampler
 from basque_jax.sample.shards import ShardWriter, done_indices, todo_indices
 
@@ -148,9 +149,9 @@ def run_translate(cfg: TranslateConfig) -> dict[str, Any]:
                           "use a non-streaming source")
     source = open_random_access(cfg.source)
     total = len(source) if cfg.num_records is None else min(cfg.num_records, len(source))
-    loaded = load_model(cfg.model, cfg.mesh)
+    loaded, tokenizer = load_sampling_model(cfg.model, cfg.mesh)
     sampler = make_sampler(loaded, cfg.sampler)
-    job = TranslateJob(cfg, sampler, loaded.tokenizer, loaded.name)
+    job = TranslateJob(cfg, sampler, tokenizer, loaded.name)
     out = cfg.output.dir
     done = done_indices(out) if Path(out).is_dir() else set()
     todo = todo_indices(total, done, jax.process_index(), jax.process_count())

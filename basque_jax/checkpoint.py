@@ -1,9 +1,12 @@
 """Orbax checkpoints of a run: train state, data-iterator state, config and LoRA metadata.
 
-The train state is saved as a flat ``{key path: array}`` mapping so any pytree (nnx.State,
-optax states) round-trips; restoring takes target shardings from the *current* run's state, so
-a checkpoint written on one mesh restores onto another. Saves are asynchronous, keep the last K,
-and an interrupted save never shadows the last complete one (orbax commits atomically).
+Written by the training loop, read by everything that loads a run (``basque_jax.runs``,
+export). The train state is saved as a flat ``{key path: array}`` mapping so any pytree
+(nnx.State, optax states) round-trips; restoring takes target shardings from the caller's
+state, so a checkpoint written on one mesh restores onto another, and
+:meth:`Checkpointer.restore_params` reads the trained parameters alone (no optimizer state).
+Saves are asynchronous, keep the last K, and an interrupted save never shadows the last
+complete one (orbax commits atomically).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from basque_jax.errors import InputNotFound, UserError
+
 
 def flatten_state(tree: Any) -> dict[str, Any]:
     """``{jax.tree_util.keystr(path): leaf}`` for every leaf of ``tree``."""
@@ -27,7 +32,8 @@ def unflatten_state(like: Any, flat: dict[str, Any]) -> Any:
     paths, treedef = jax.tree_util.tree_flatten_with_path(like)
     missing = [jax.tree_util.keystr(p) for p, _ in paths if jax.tree_util.keystr(p) not in flat]
     if missing:
-        raise KeyError(f"checkpoint lacks {len(missing)} entries, e.g. {missing[:3]}")
+        raise UserError(f"checkpoint lacks {len(missing)} entries, e.g. {missing[:3]} (was it "
+                        "written by another model or LoRA configuration?)")
     return jax.tree_util.tree_unflatten(treedef, [flat[jax.tree_util.keystr(p)]
                                                   for p, _ in paths])
 
@@ -76,12 +82,25 @@ class Checkpointer:
         """The JSON metadata of ``step`` (default: latest)."""
         step = self.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"{self.directory}: no checkpoint")
+            raise InputNotFound(f"{self.directory}: no checkpoint")
         return self.manager.restore(step, args=ocp.args.Composite(
             meta=ocp.args.JsonRestore()))["meta"]
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
+    def restore_params(self, step: int, like_params: Any) -> Any:
+        """The trainable parameters of ``step`` alone, placed like ``like_params`` (arrays or
+        ``ShapeDtypeStruct`` s with shardings); the optimizer state is never read."""
+        flat = {".params" + k: v for k, v in flatten_state(like_params).items()}
+        targets = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), flat)
+        args = ocp.args.PyTreeRestore(
+            item=targets, restore_args=ocp.checkpoint_utils.construct_restore_args(targets),
+            partial_restore=True)
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+        return unflatten_state(like_params, {k[len(".params"):]: v
+                                             for k, v in restored.items()})
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
 
     def close(self) -> None:
         self.manager.wait_until_finished()

@@ -1,19 +1,22 @@
-"""The sampler's forward pass: the model's own modules, laid out for decoding.
+"""Decoding with a KV cache: the model's own modules, laid out for one token at a time.
 
-``Llama.__call__`` scans over stacked layer weights and a stacked ``[layers, batch, len, kv,
-d]`` cache -- right for training, but on a one-token step XLA then copies every layer's weight
-slice and the whole cache each step (measured: most of a CPU decode step). Here the same modules
-(embedding, RMSNorms, the q/k/v/o and MLP projections with their LoRA adapters, rotary tables,
-the output head) run over a Python list of per-layer parameter states, against a cache held
-per layer (keys ``[batch, kv, head_dim, len]``, values ``[batch, kv, len, head_dim]``) so each
-step writes one slot in place and both attention matmuls read the cache without transposing it.
+``Llama.__call__`` (training, scoring) scans over stacked layer weights; on a one-token step
+XLA would then copy every layer's weight slice and a stacked cache each step (measured: most of
+a CPU decode step). Here the same modules (embedding, RMSNorms, the q/k/v/o and MLP projections
+with their LoRA adapters, rotary tables, the output head) run over a Python list of per-layer
+parameter states, against a :class:`SlotCache` held per layer (keys ``[batch, kv, head_dim,
+len]``, values ``[batch, kv, len, head_dim]``) so each step writes one slot in place and both
+attention matmuls read the cache without transposing it. Masking and attention math are the
+training forward's (:class:`~basque_jax.model.attention.AttentionMask`,
+:func:`~basque_jax.model.attention.cached_attention`).
 
-Semantics are the model's: new tokens are written at each row's ``end`` slot with their segment
-ids; a query attends to filled slots (same non-zero segment id) at or before its own slot;
-``end`` advances by the number of non-padding tokens. Per-layer weights come either from a
-compiled copy made when the weights change (:func:`make_unstacker`, fastest on CPU, where
-adapter-free layers also get their q/k/v and gate/up kernels fused into one matmul each) or
-from static slices of the stacked weights inside the compiled program (no extra memory).
+New tokens are written at each row's ``end`` slot with their segment ids; a query attends to
+filled slots (same non-zero segment id) at or before its own slot; ``end`` advances by the
+number of non-padding tokens. Rows are independent, so a finished row can be reset and refilled
+without touching the others. Per-layer weights come either from a compiled copy made when the
+weights change (:func:`make_unstacker`, fastest on CPU, where adapter-free layers also get their
+q/k/v and gate/up kernels fused into one matmul each) or from static slices of the stacked
+weights inside the compiled program (:func:`slice_layers`, no extra memory).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from basque_jax.model.attention import AttentionMask, cached_attention
 from basque_jax.model.config import LlamaConfig
 from basque_jax.model.llama import Llama
 from basque_jax.model.rope import apply_rope, inverse_frequencies, rope_tables
@@ -129,24 +133,6 @@ def _mlp(mlp: nnx.Module, x: jax.Array, fused: Fused | None, dtype: Any) -> jax.
     return mlp.down_proj(constrain(jax.nn.silu(gate) * up, ("batch", "sequence", "act_mlp")))
 
 
-def attend(q: jax.Array, k_t: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
-    """GQA attention of ``q [b, t, heads, d]`` over one cache layer, keys transposed
-    ``k_t [b, kv, d, s]`` and values ``v [b, kv, s, d]``; ``allowed [b, t, s]``.
-
-    Both contractions are plain batched matmuls over ``(b, kv)`` with the cache in its stored
-    layout (no per-step transpose of the cache). Logits and softmax in float32.
-    """
-    b, t, h, d = q.shape
-    kv, s = k_t.shape[1], k_t.shape[3]
-    g = h // kv
-    q = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
-    logits = jnp.matmul(q, k_t, preferred_element_type=jnp.float32).reshape(b, kv, g, t, s)
-    logits = jnp.where(allowed[:, None, None], logits * d**-0.5, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kv, g * t, s)
-    out = jnp.matmul(probs, v).reshape(b, kv, g, t, d)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
-
-
 def forward(model: Llama, layers: Sequence[nnx.Module], tokens: jax.Array,
             positions: jax.Array, segment_ids: jax.Array, cache: SlotCache,
             fused: Sequence[Fused] | None = None) -> tuple[jax.Array, SlotCache]:
@@ -163,10 +149,8 @@ def forward(model: Llama, layers: Sequence[nnx.Module], tokens: jax.Array,
     slots = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     seg = segment_ids.astype(jnp.int32)
     kv_seg = _write(cache.segment_ids, seg, start, 1)
-    kv_slots = jnp.arange(cache.max_len, dtype=jnp.int32)
-    allowed = ((kv_slots[None, None, :] <= slots[:, :, None])
-               & (kv_seg[:, None, :] == seg[:, :, None])
-               & ((kv_seg[:, None, :] != 0) | (seg[:, :, None] == 0)))
+    kv_slots = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (b, cache.max_len))
+    mask = AttentionMask(slots, kv_slots, seg, kv_seg)
     cos, sin = rope_tables(positions.astype(jnp.int32), inverse_frequencies(cfg))
     hd, nh, nkv = cfg.resolved_head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
 
@@ -190,7 +174,7 @@ def forward(model: Llama, layers: Sequence[nnx.Module], tokens: jax.Array,
         v_cache = _write(v_cache, jnp.swapaxes(v, 1, 2).astype(v_cache.dtype), start, 2)
         k_cache = constrain(k_cache, CACHE_K_AXES)
         v_cache = constrain(v_cache, CACHE_V_AXES)
-        out = attend(q, k_cache, v_cache, allowed)
+        out = cached_attention(q, k_cache, v_cache, mask)
         out = constrain(out, ("batch", "sequence", "act_heads", "head_dim"))
         x = x + attn.o_proj(out.reshape(b, t, nh * hd))
         x = x + _mlp(layer.mlp, layer.post_attention_layernorm(x), f, model.dtype)
@@ -199,3 +183,19 @@ def forward(model: Llama, layers: Sequence[nnx.Module], tokens: jax.Array,
         new_v.append(v_cache)
     end = start + jnp.sum(seg != 0, axis=-1, dtype=jnp.int32)
     return model.norm(x), SlotCache(tuple(new_k), tuple(new_v), kv_seg, end)
+
+
+def decode_step(model: Llama, tokens: jax.Array, cache: SlotCache, *,
+                positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+                ) -> tuple[jax.Array, SlotCache]:
+    """Logits ``[b, t, vocab]`` of ``tokens`` written after each row's cached ones, and the
+    updated cache (positions default to the slots, segments to 1): the one-call form of
+    :func:`forward` (layers sliced from the stacked weights)."""
+    b, t = tokens.shape
+    slots = cache.end[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    positions = slots if positions is None else positions
+    segment_ids = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
+    graphdef, stacked = nnx.split(model.layers)
+    layers = [nnx.merge(graphdef, s) for s in slice_layers(stacked, model.config.num_hidden_layers)]
+    hidden, cache = forward(model, layers, tokens, positions, segment_ids, cache)
+    return model.logits(hidden), cache
