@@ -48,9 +48,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from basque_jax.arena.cli import add_arena_parser
     from basque_jax.distributed import add_arguments as add_distributed_arguments
     from basque_jax.eval.cli import add_eval_parser
     from basque_jax.export.cli import add_export_parser
+    from basque_jax.model.gguf import add_convert_parser
     from basque_jax.plan import add_plan_parser
     from basque_jax.sample.cli import add_sample_parsers
 
@@ -68,13 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", help="preset name (e.g. llama3.1-8b) or HF folder / config.json")
     info.set_defaults(func=_cmd_info)
     add_export_parser(sub)
+    add_convert_parser(sub)
     add_eval_parser(sub)
     add_plan_parser(sub)
     add_sample_parsers(sub)
+    add_arena_parser(sub)
     return parser
 
 
-LOCAL_COMMANDS = ("demo", "info", "plan", "filter")  # never join a jax.distributed group
+# Commands that never join a jax.distributed group.
+LOCAL_COMMANDS = ("demo", "info", "plan", "filter", "convert", "arena")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

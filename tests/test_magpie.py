@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 from conftest import SHARED_DATA
 
+from basque_jax.data.chat import ChatEncoder
 from basque_jax.data.config import ConfigError
 from basque_jax.data.embedded import EMBEDDED_CHAT
+from basque_jax.data.templates import make_chat_encoder
 from basque_jax.data.tokenizer import load_tokenizer
 from basque_jax.sample.config import load_generate_config, load_translate_config
-from basque_jax.sample.magpie import pre_query_ids
 from basque_jax.sample.shards import read_records, shard_paths
 from basque_jax.sample.translate import run_translate, translation_encoder, translation_prompt
 
@@ -49,12 +50,13 @@ def _generate_config(tmp_path: Path, out: Path, n: int, filters: bool = False) -
 def test_pre_query_template_ids():
     tok = load_tokenizer(LLAMA3_TOKENIZER)
     # <|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n (published Llama 3 ids)
-    assert pre_query_ids(tok) == [128000, 128006, 882, 128007, 271]
+    pre_query_ids = ChatEncoder(tok).pre_query_ids
+    assert pre_query_ids() == [128000, 128006, 882, 128007, 271]
     system = "Erantzun beti euskaraz."
     text = (f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{system}"
             "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n")
     want = tok.to_hf()(text, add_special_tokens=False)["input_ids"]  # parses special tokens
-    assert pre_query_ids(tok, system) == want
+    assert pre_query_ids(system) == want
 
 
 @needs_llama3
@@ -65,7 +67,9 @@ def test_defaults_are_magpies(tmp_path):
                         "instruction: {max_new_tokens: 100}\n")
     cfg = load_generate_config(cfg_path)
     tok = load_tokenizer(LLAMA3_TOKENIZER)
-    q, r = cfg.instruction.params(tok), cfg.response.params(tok)
+    enc = make_chat_encoder(tok, cfg.chat_template)  # auto: the Llama 3.1 format
+    q = cfg.instruction.params(tok, enc.user_turn_stop_ids)
+    r = cfg.response.params(tok, enc.stop_ids)
     assert (q.temperature, q.top_p, q.max_new_tokens) == (0.9, 1.0, 100)
     assert q.stop_ids == (128009, 128001, 128006, 128007)
     assert (r.temperature, r.top_p) == (0.6, 0.9)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from basque_jax.data.tokenizer import END_HEADER, EOT, START_HEADER, Tokenizer
+from basque_jax.data.tokenizer import BOS, END_HEADER, EOS, EOT, START_HEADER, Tokenizer
 
 CUTTING_KNOWLEDGE = "December 2023"
 DEFAULT_DATE = "26 Jul 2024"
@@ -42,6 +42,7 @@ class ChatEncoder:
             raise ValueError(f"unknown chat template {template!r} (llama31 or llama3)")
         self.tokenizer = tokenizer
         self.template = template
+        self.date_string = date_string
         self.system_prompt = system_prompt
         self._start = tokenizer.token_id(START_HEADER)
         self._end = tokenizer.token_id(END_HEADER)
@@ -94,3 +95,34 @@ class ChatEncoder:
     def encode_document(self, text: str) -> list[int]:
         """``BOS + text + EOS`` (all tokens trained)."""
         return self._bos + self.tokenizer.encode(text) + self._eos
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """What ends a generated assistant turn: ``<|eot_id|>``, ``<|end_of_text|>``,
+        ``<|eom_id|>`` (Meta's generation config of Llama 3.1 Instruct)."""
+        return self._ids(EOT, EOS, "<|eom_id|>")
+
+    @property
+    def user_turn_stop_ids(self) -> tuple[int, ...]:
+        """Magpie's stop set for a generated user query: ``<|eot_id|>`` 128009,
+        ``<|end_of_text|>`` 128001 and the header markers 128006/128007."""
+        return self._ids(EOT, EOS, START_HEADER, END_HEADER)
+
+    def pre_query_ids(self, system_prompt: str | None = None) -> list[int]:
+        """Magpie's pre-query prompt for Llama 3: ``<|begin_of_text|>`` (+ a bare system
+        block ``<|start_header_id|>system<|end_header_id|>\\n\\n{system}<|eot_id|>`` when given)
+        + ``<|start_header_id|>user<|end_header_id|>\\n\\n`` -- no dated system block."""
+        ids = [self.tokenizer.token_id(BOS)]
+        if system_prompt:
+            ids += self.header("system") + self.tokenizer.encode(system_prompt.strip())
+            ids.append(self._eot)
+        return ids + self.header("user")
+
+    def _ids(self, *tokens: str) -> tuple[int, ...]:
+        out = []
+        for t in tokens:
+            try:
+                out.append(self.tokenizer.token_id(t))
+            except KeyError:
+                continue
+        return tuple(out)

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from basque_jax.data.templates import check_chat_template_setting
 from basque_jax.errors import ConfigError
 from basque_jax.yaml_config import build
 
@@ -93,8 +94,10 @@ class DataConfig:
       documents are always split into chunks).
     max_bad_fraction: skipped-record fraction per source above which the pipeline fails.
     tokenizer: tokenizer path (HF folder, tiktoken ``tokenizer.model``) or ``demo``.
-    chat_template: ``llama31`` (official 3.1 template, always a system block with dates) or
-      ``llama3`` (Meta's reference format, no system block unless given).
+    chat_template: ``auto`` (Llama 3.1's for a tokenizer with its special tokens, else the
+      tokenizer's own Jinja template), ``llama31`` (official 3.1 format, always a system block
+      with dates), ``llama3`` (Meta's reference format, no system block unless given) or a
+      ``.jinja`` file (see ``templates.py``).
     chat_date / system_prompt: "Today Date" of the 3.1 system block and the system message
       used when a conversation has none.
     packing_bins: rows packed together by first-fit (default: the per-host batch size).
@@ -113,7 +116,7 @@ class DataConfig:
     overlong: Literal["truncate", "drop"] = "truncate"
     max_bad_fraction: float = 0.01
     tokenizer: str | None = None
-    chat_template: Literal["llama31", "llama3"] = "llama31"
+    chat_template: str = "auto"
     chat_date: str = "26 Jul 2024"
     system_prompt: str = ""
     packing_bins: int | None = None
@@ -124,6 +127,7 @@ class DataConfig:
     shuffle_buffer: int = 10_000
 
     def __post_init__(self) -> None:
+        check_chat_template_setting(self.chat_template)
         checks = [
             (self.seq_len >= 2, "seq_len must be >= 2"),
             (self.batch_size >= 1, "batch_size must be >= 1"),

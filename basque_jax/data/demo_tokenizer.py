@@ -16,15 +16,11 @@ from pathlib import Path
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
+from basque_jax.cache import default_cache_dir
 from basque_jax.data.embedded import embedded_texts
 from basque_jax.data.tokenizer import LLAMA3_PATTERN, LLAMA31_SPECIAL_TOKENS, Tokenizer
 
 DEFAULT_VOCAB = 1024
-
-
-def default_cache_dir() -> Path:
-    """``$BASQUE_JAX_CACHE`` or ``~/.cache/basque_jax``."""
-    return Path(os.environ.get("BASQUE_JAX_CACHE", Path.home() / ".cache" / "basque_jax"))
 
 
 def train_demo_backend(texts: list[str], vocab_size: int = DEFAULT_VOCAB) -> tokenizers.Tokenizer:

@@ -14,11 +14,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from basque_jax.data.chat import ChatEncoder
 from basque_jax.data.config import DataConfig, SourceConfig
 from basque_jax.data.formats import BadRecord, Conversation, parse_record
 from basque_jax.data.sources import RawRecord
 from basque_jax.data.stats import ProcessedRecord
+from basque_jax.data.templates import ChatTemplateError, ConversationEncoder, make_chat_encoder
 from basque_jax.data.tokenizer import Tokenizer
 
 Segment = dict[str, np.ndarray]
@@ -64,20 +64,21 @@ class RecordProcessor:
         self._seq_len = cfg.seq_len
         self._overlong = cfg.overlong
         self._chat_args = {
-            "template": cfg.chat_template,
+            "setting": cfg.chat_template,
             "date_string": cfg.chat_date,
             "system_prompt": cfg.system_prompt,
         }
-        self._encoder: ChatEncoder | None = None
+        self._encoder: ConversationEncoder | None = None
+        _ = self.encoder  # an unusable template fails here, not as "every record is bad"
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_encoder": None}
 
     @property
-    def encoder(self) -> ChatEncoder:
-        """The chat encoder (built lazily, e.g. once per worker process)."""
+    def encoder(self) -> ConversationEncoder:
+        """The chat encoder (rebuilt lazily in each worker process)."""
         if self._encoder is None:
-            self._encoder = ChatEncoder(self._tokenizer, **self._chat_args)
+            self._encoder = make_chat_encoder(self._tokenizer, **self._chat_args)
         return self._encoder
 
     def tokenize(self, rec: RawRecord) -> tuple[list[int], list[int], bool]:
@@ -88,7 +89,10 @@ class RecordProcessor:
         )
         try:
             if isinstance(item, Conversation):
-                ids, mask = self.encoder.encode_chat(item.messages)
+                try:
+                    ids, mask = self.encoder.encode_chat(item.messages)
+                except ChatTemplateError as e:  # e.g. a role the template refuses
+                    raise BadRecord(f"chat template cannot encode it ({e})") from None
                 return ids, mask, False
             ids = self.encoder.encode_document(item.text)
         except BadRecord:

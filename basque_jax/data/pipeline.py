@@ -5,7 +5,8 @@
 
 The iterator is a grain ``DatasetIterator``: ``get_state()``/``set_state()`` (JSON-able dicts;
 the training checkpoint saves them with grain's orbax handler) resume exactly;
-``pipeline_stats(it)`` reports skipped and truncated records. Batches follow the contract in ``batch.py``.
+``pipeline_stats(it)`` reports skipped and truncated records. Batches follow the contract
+in ``batch.py``.
 
 With ``worker_count > 0`` grain spawns worker processes (each reads every ``worker_count``-th
 record of the host's shard, tokenizes and packs): scripts that build a pipeline need an

@@ -2,7 +2,8 @@
 
 ``Tokenizer.encode`` encodes *content* with special-token parsing OFF: the characters
 ``<|eot_id|>`` inside a document or a user message are ordinary text and never become id
-128009. Special tokens are only ever inserted by id (see ``chat.py``).
+128009. Special tokens are only ever inserted by id (see ``chat.py``) or by encoding a chat
+template's own literal text with ``encode_template`` (see ``templates.py``).
 
 ``load_tokenizer(path)`` accepts
 - a Llama 3 ``tokenizer.model`` (tiktoken BPE ranks), or a folder holding only that file
@@ -10,7 +11,8 @@
   the 256 Llama 3.1 special tokens (ids 128000-128255);
 - a Hugging Face tokenizer folder (``tokenizer.json``), read with ``AutoTokenizer``;
 - a ``tokenizer.json`` file;
-- ``"demo"``: the small byte-level BPE trained on the embedded Basque sample (offline).
+- ``"demo"``: the small byte-level BPE trained on the embedded Basque sample (offline);
+- a named model (``smollm2-135m-instruct``): its converted folder's tokenizer.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ LLAMA3_PATTERN = (
 )
 BOS = "<|begin_of_text|>"
 EOS = "<|end_of_text|>"
+ENDOFTEXT = "<|endoftext|>"  # GPT-2 style document separator (SmolLM2, ...)
 START_HEADER = "<|start_header_id|>"
 END_HEADER = "<|end_header_id|>"
 EOT = "<|eot_id|>"
@@ -59,6 +62,9 @@ class Tokenizer:
 
     bos/eos: the document delimiters (``<|begin_of_text|>`` / ``<|end_of_text|>`` for Llama 3;
     note that Llama 3.1 Instruct's HF ``eos_token`` is ``<|eot_id|>``, not the document end).
+    chat_template: the Hugging Face tokenizer's own Jinja chat template, if it has one.
+    special_tokens_map: the token strings a chat template reads (``bos_token``, ``eos_token``,
+    ...), as transformers passes them; defaults to ``bos_token``/``eos_token`` above.
     """
 
     def __init__(
@@ -68,16 +74,24 @@ class Tokenizer:
         bos_token: str | None = BOS,
         eos_token: str | None = EOS,
         name: str = "",
+        chat_template: str | None = None,
+        special_tokens_map: dict[str, str] | None = None,
     ):
         self.name = name
         self.bos_token = bos_token
         self.eos_token = eos_token
+        self.chat_template = chat_template
+        if special_tokens_map is None:
+            pairs = (("bos_token", bos_token), ("eos_token", eos_token))
+            special_tokens_map = {k: v for k, v in pairs if v is not None}
+        self.special_tokens_map = dict(special_tokens_map)
         self._json = backend.to_str()
         self._setup()
 
     def _setup(self) -> None:
         self._backend = tokenizers.Tokenizer.from_str(self._json)
         self._backend.encode_special_tokens = True  # content: special strings are plain text
+        self._template_backend: tokenizers.Tokenizer | None = None  # parses them (lazy)
         self._special_ids = frozenset(
             i for i, t in self._backend.get_added_tokens_decoder().items() if t.special
         )
@@ -90,10 +104,12 @@ class Tokenizer:
             "name": self.name,
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
+            "chat_template": self.chat_template,
+            "special_tokens_map": self.special_tokens_map,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update({"chat_template": None, "special_tokens_map": {}, **state})
         self._setup()
 
     def __repr__(self) -> str:
@@ -112,6 +128,14 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; no BOS/EOS added, special-token strings stay text."""
         return self._backend.encode(text, add_special_tokens=False).ids
+
+    def encode_template(self, text: str) -> list[int]:
+        """Ids of a chat template's OWN literal text: special-token strings become their ids.
+        Never use it on content (documents, messages)."""
+        if self._template_backend is None:
+            self._template_backend = tokenizers.Tokenizer.from_str(self._json)
+            self._template_backend.encode_special_tokens = False
+        return self._template_backend.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """``encode`` over many texts (parallel in Rust)."""
@@ -174,11 +198,25 @@ def from_hf(path: str | os.PathLike) -> Tokenizer:
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    return from_transformers(hf, name=str(path))
+
+
+def from_transformers(hf: Any, name: str = "") -> Tokenizer:
+    """Wraps a loaded transformers fast tokenizer (its vocabulary, chat template and the
+    special-token strings its template reads)."""
     backend = hf.backend_tokenizer
     vocab = backend.get_vocab(with_added_tokens=True)
-    bos = BOS if BOS in vocab else hf.bos_token
-    eos = EOS if EOS in vocab else hf.eos_token
-    return Tokenizer(backend, bos_token=bos, eos_token=eos, name=str(path))
+    # Document delimiters: Llama 3's; otherwise a BOS only if the tokenizer itself adds one
+    # (SmolLM2's bos_token <|im_start|> opens chat turns, not documents) and the end-of-text
+    # separator the model was pre-trained with, before the chat eos.
+    adds_bos = hf.bos_token_id is not None and hf("a").input_ids[:1] == [hf.bos_token_id]
+    bos = BOS if BOS in vocab else hf.bos_token if adds_bos else None
+    eos = EOS if EOS in vocab else ENDOFTEXT if ENDOFTEXT in vocab else hf.eos_token
+    template = hf.chat_template
+    if isinstance(template, dict):  # several named templates: the one apply_chat_template uses
+        template = template.get("default")
+    return Tokenizer(backend, bos_token=bos, eos_token=eos, name=name or hf.name_or_path,
+                     chat_template=template, special_tokens_map=dict(hf.special_tokens_map))
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
@@ -187,7 +225,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         from basque_jax.data.demo_tokenizer import build_demo_tokenizer
 
         return build_demo_tokenizer()
-    p = Path(path)
+    from basque_jax.model.gguf import model_path
+
+    p = model_path(path)
     if p.is_dir():
         if (p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists():
             return from_hf(p)

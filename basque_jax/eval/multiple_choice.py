@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from basque_jax.data.chat import ChatEncoder
+from basque_jax.data.templates import make_chat_encoder
 from basque_jax.data.tokenizer import Tokenizer
 from basque_jax.errors import UserError
 from basque_jax.sharding import batch_sharding, batch_shards, use_sharding
@@ -136,13 +136,13 @@ class Request:
 
 def build_requests(items: Sequence[MCItem], tok: Tokenizer, *, num_fewshot: int = 0,
                    chat: bool = False, seed: int = 1234, add_bos: bool = True,
-                   chat_template: str = "llama31", system_prompt: str = "",
+                   chat_template: str = "auto", system_prompt: str = "",
                    date_string: str | None = None) -> list[Request]:
     """One request per (item, choice); see the module docstring for the prompt format."""
     encoder = None
     if chat:
         kwargs = {"date_string": date_string} if date_string else {}
-        encoder = ChatEncoder(tok, template=chat_template, system_prompt=system_prompt, **kwargs)
+        encoder = make_chat_encoder(tok, chat_template, system_prompt=system_prompt, **kwargs)
     bos = [tok.bos_id] if add_bos and tok.bos_id is not None else []
     requests = []
     for i, item in enumerate(items):
@@ -285,7 +285,7 @@ def evaluate_multiple_choice(model: nnx.Module, tok: Tokenizer, items: Sequence[
                              add_bos: bool = True, batch_size: int = 8,
                              max_length: int | None = None, mesh: Mesh | None = None,
                              rules: dict | None = None, log_samples: bool = False,
-                             chat_template: str = "llama31", system_prompt: str = "",
+                             chat_template: str = "auto", system_prompt: str = "",
                              date_string: str | None = None) -> dict[str, Any]:
     """Score every choice of every item and aggregate (see module docstring)."""
     requests = build_requests(items, tok, num_fewshot=num_fewshot, chat=chat, seed=seed,

@@ -29,15 +29,18 @@ from typing import Literal
 import jax
 import numpy as np
 
+from basque_jax.data.config import DataConfig
 from basque_jax.export.files import (
     ExportError,
     check_out_dir,
     copy_tokenizer,
     staged_dir,
+    write_chat_template,
     write_generation_config,
 )
 from basque_jax.export.source import CheckpointArrays
 from basque_jax.model.config import LlamaConfig
+from basque_jax.model.gguf import model_path
 from basque_jax.model.hf import (
     DEFAULT_MAX_SHARD_BYTES,
     Fetch,
@@ -102,13 +105,14 @@ class _Plan:
     name: str  # backbone name (Instruct detection)
     collective: bool = False  # every process must run fetch in lockstep
     tokenizer: str | None = None
+    data: DataConfig | None = None  # what a run trained on (its chat template)
 
 
 def _backbone_fetch(src: RunSource) -> tuple[Fetch, bool]:
     """The frozen base tensors of a LoRA run, as training held them."""
     cfg = src.config
     if cfg.model.init_from:
-        folder = Path(cfg.model.init_from)
+        folder = model_path(cfg.model.init_from)
         if not folder.is_dir():
             raise ExportError(f"{folder}: the run's backbone (model.init_from) is missing; "
                               "it holds the base weights the adapters were trained on")
@@ -131,7 +135,7 @@ def _merged_plan(src: HFSource | RunSource) -> _Plan:
         config, fetch = folder_fetch(src.folder)
         return _Plan(config, fetch, src.folder, _backbone_name(src.folder))
     cfg, lora = src.config, src.lora
-    backbone = Path(cfg.model.init_from) if cfg.model.init_from else None
+    backbone = model_path(cfg.model.init_from) if cfg.model.init_from else None
     name = _backbone_name(backbone) if backbone is not None else cfg.model.preset or ""
     if lora is None:  # full fine-tuning: every parameter is in the checkpoint
         arrays = CheckpointArrays(src)
@@ -139,11 +143,31 @@ def _merged_plan(src: HFSource | RunSource) -> _Plan:
         def fetch(e: TensorEntry, layer: int | None) -> np.ndarray:
             return arrays.read(arrays.param_name(e.path), () if layer is None else (layer,))
 
-        return _Plan(src.model_config, fetch, backbone, name, tokenizer=cfg.data.tokenizer)
+        return _Plan(src.model_config, fetch, backbone, name, tokenizer=cfg.data.tokenizer,
+                     data=cfg.data)
     adapters = CheckpointArrays(src).adapters(lora)
     base, collective = _backbone_fetch(src)
     return _Plan(src.model_config, merge_fetch(base, adapters, lora.scale), backbone, name,
-                 collective, cfg.data.tokenizer)
+                 collective, cfg.data.tokenizer, cfg.data)
+
+
+def _chat_training(plan: _Plan, folder: Path) -> tuple[str | None, tuple[int, ...]]:
+    """For a run that trained on conversations: the chat template to ship (None when the
+    backbone's tokenizer already renders the same format) and its end-of-turn ids."""
+    data = plan.data
+    chat = data is not None and any(s.kind in ("chat", "instruction") for s in data.sources)
+    if not chat or not (folder / "tokenizer.json").is_file():
+        return None, ()
+    from basque_jax.data.chat import DEFAULT_DATE
+    from basque_jax.data.templates import make_chat_encoder, shipped_template
+    from basque_jax.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(folder)
+    encoder = make_chat_encoder(tokenizer, data.chat_template, date_string=data.chat_date,
+                                system_prompt=data.system_prompt)
+    own = bool(tokenizer.chat_template) and data.chat_template in ("auto", "llama31") and \
+        data.chat_date == DEFAULT_DATE and not data.system_prompt
+    return (None if own else shipped_template(encoder)), encoder.stop_ids
 
 
 def _backbone_name(folder: Path) -> str:
@@ -182,7 +206,7 @@ def export(
     out = Path(out_dir)
     protected = [src.folder] if isinstance(src, HFSource) else [src.run_dir]
     if isinstance(src, RunSource) and src.config.model.init_from:
-        protected.append(Path(src.config.model.init_from))
+        protected.append(model_path(src.config.model.init_from))
     check_out_dir(out, overwrite, protected)
     writer = jax.process_index() == 0
     result = ExportResult(out, mode, src.name)
@@ -212,9 +236,12 @@ def export(
                                      max_shard_bytes=max_shard_bytes)
             names = [f.name for f in files] + [p.name for p in tmp.glob("*.json")
                                                if p.name.startswith(("config", "model"))]
-            names.append(write_generation_config(tmp, plan.config, plan.backbone,
-                                                 plan.name).name)
             names += copy_tokenizer(tmp, plan.backbone, plan.tokenizer)
+            template, stops = _chat_training(plan, tmp)
+            if template is not None:
+                names.append(write_chat_template(tmp, template))
+            names.append(write_generation_config(tmp, plan.config, plan.backbone,
+                                                 plan.name, stops).name)
         result.files = sorted(set(names))
     elif plan.collective:
         write_pretrained(plan.config, out, plan.fetch, dtype=dtype, write=False)

@@ -74,38 +74,55 @@ def staged_dir(out: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def is_instructed(generation: dict[str, Any], name: str) -> bool:
-    """An instructed backbone: its generation config stops on ``<|eot_id|>`` (128009), or its
-    name says ``Instruct`` (e.g. ``Llama-3.1-8B-Instruct``)."""
+def is_llama31_instruct(config: LlamaConfig, generation: dict[str, Any], name: str) -> bool:
+    """An instructed Llama 3.x backbone (its vocabulary): its generation config stops on
+    ``<|eot_id|>`` (128009), or its name says ``Instruct`` (``Llama-3.1-8B-Instruct``)."""
     eos = generation.get("eos_token_id")
     eos = eos if isinstance(eos, list) else [eos]
-    return 128009 in eos or "instruct" in name.lower()
+    return config.vocab_size >= 128256 and (128009 in eos or "instruct" in name.lower())
 
 
-def generation_config(config: LlamaConfig, backbone: Path | None, name: str) -> dict[str, Any]:
+def generation_config(config: LlamaConfig, backbone: Path | None, name: str,
+                      chat_stop_ids: tuple[int, ...] = ()) -> dict[str, Any]:
     """The backbone's ``generation_config.json`` (or one from ``config``), with the Llama 3.1
-    Instruct stop ids when the backbone is instructed."""
+    Instruct stop ids when the backbone is an instructed Llama 3.x, and ``chat_stop_ids`` (the
+    end of turn of the chat template a run trained with) among the eos ids."""
     path = None if backbone is None else backbone / "generation_config.json"
     if path is not None and path.is_file():
         d = read_json_object(path, ExportError)
     else:
         d = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
         d = {k: v for k, v in d.items() if v is not None}
-    if is_instructed(d, name):
+    first: list[int] = list(chat_stop_ids)
+    if is_llama31_instruct(config, d, name):
         if not (path is not None and path.is_file()):
             d.update(LLAMA31_INSTRUCT_SAMPLING)
+        first = LLAMA31_INSTRUCT_STOP_IDS + first
+    if first:
         eos = d.get("eos_token_id")
         eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
-        d["eos_token_id"] = LLAMA31_INSTRUCT_STOP_IDS + [e for e in eos
-                                                         if e not in LLAMA31_INSTRUCT_STOP_IDS]
+        d["eos_token_id"] = list(dict.fromkeys(first + eos))
     return d
 
 
 def write_generation_config(folder: Path, config: LlamaConfig, backbone: Path | None,
-                            name: str) -> Path:
+                            name: str, chat_stop_ids: tuple[int, ...] = ()) -> Path:
     path = folder / "generation_config.json"
-    path.write_text(json.dumps(generation_config(config, backbone, name), indent=2) + "\n")
+    d = generation_config(config, backbone, name, chat_stop_ids)
+    path.write_text(json.dumps(d, indent=2) + "\n")
     return path
+
+
+def write_chat_template(folder: Path, template: str) -> str:
+    """Ship ``template`` as the tokenizer's chat template (``chat_template.jinja``, which
+    transformers and vLLM read), replacing any in ``tokenizer_config.json``."""
+    (folder / "chat_template.jinja").write_text(template)
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        d = json.loads(config.read_text())
+        if d.pop("chat_template", None) is not None:
+            config.write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n")
+    return "chat_template.jinja"
 
 
 def copy_tokenizer(folder: Path, backbone: Path | None, fallback: str | None = None) -> list[str]:

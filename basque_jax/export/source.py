@@ -32,6 +32,7 @@ class CheckpointArrays:
         self._use_zarr3 = bool(metadata.use_zarr3)
         self._use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(epath.Path(self.directory))
         self._stores: dict[str, Any] = {}
+        self._context: Any = None
 
     def param_name(self, path: tuple[str, ...]) -> str:
         """The saved name of trainable parameter ``path`` (``.params['layers']...``)."""
@@ -49,10 +50,13 @@ class CheckpointArrays:
             import tensorstore as ts
             from etils import epath
 
+            if self._context is None:  # one context for every array (shared caches)
+                self._context = ocp.type_handlers.get_ts_context(use_ocdbt=self._use_ocdbt)
             info = ocp.type_handlers.ParamInfo(name=name, parent_dir=epath.Path(self.directory),
-                                               use_zarr3=self._use_zarr3)
+                                               use_zarr3=self._use_zarr3,
+                                               ts_context=self._context)
             spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self._use_ocdbt)
-            context = ocp.type_handlers.get_ts_context(use_ocdbt=self._use_ocdbt)
+            context = self._context
             store = ts.open(spec, open=True, read=True, context=context).result()
             self._stores[name] = store
         return np.asarray(store[index].read().result())

@@ -18,8 +18,8 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
-from basque_jax.data.chat import ChatEncoder
-from basque_jax.data.tokenizer import EOS, EOT, Tokenizer
+from basque_jax.data.templates import make_chat_encoder
+from basque_jax.data.tokenizer import Tokenizer
 from basque_jax.errors import ConfigError
 from basque_jax.jsonl_log import JsonlLog
 from basque_jax.sample.sampler import Request, Sampler, SamplerConfig
@@ -61,17 +61,16 @@ class TrainingSampler:
 
     def __init__(self, cfg: TrainingSamplesConfig, tokenizer: Tokenizer, graphdef: nnx.GraphDef,
                  params: tuple[Any, ...], mesh: Mesh, rules: dict[str, Any],
-                 out_dir: str | os.PathLike, *, chat_template: str = "llama31",
+                 out_dir: str | os.PathLike, *, chat_template: str = "auto",
                  chat_date: str = "26 Jul 2024", system_prompt: str = ""):
         self.cfg = cfg
         self.tok = tokenizer
         self.log = JsonlLog(epath.Path(out_dir) / "samples.jsonl")
-        stops = tuple(tokenizer.token_id(t) for t in (EOT, EOS) if _has(tokenizer, t))
+        enc = make_chat_encoder(tokenizer, chat_template, date_string=chat_date,
+                                system_prompt=system_prompt)
         self.params = SamplingParams(cfg.temperature, cfg.top_k, cfg.top_p, 0.0,
-                                     cfg.max_new_tokens, stops)
+                                     cfg.max_new_tokens, enc.stop_ids)
         if cfg.chat:
-            enc = ChatEncoder(tokenizer, template=chat_template, date_string=chat_date,
-                              system_prompt=system_prompt)
             ids = [enc.encode_chat([("user", p)], add_generation_prompt=True)[0]
                    for p in cfg.prompts]
         else:
@@ -98,11 +97,3 @@ class TrainingSampler:
                 print(f"[sample] step {step}: {r['prompt']!r} -> {r['completion']!r}",
                       flush=True)
         return records
-
-
-def _has(tokenizer: Tokenizer, token: str) -> bool:
-    try:
-        tokenizer.token_id(token)
-    except KeyError:
-        return False
-    return True

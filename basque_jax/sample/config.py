@@ -17,18 +17,13 @@ from typing import Any, Literal
 
 from basque_jax.config import ModelConfig
 from basque_jax.data.config import SourceConfig
+from basque_jax.data.templates import check_chat_template_setting
 from basque_jax.errors import ConfigError
 from basque_jax.sample.filters import FilterConfig
 from basque_jax.sample.sampler import SamplerConfig
 from basque_jax.sample.sampling import SamplingConfig
 from basque_jax.sharding import MeshConfig
 from basque_jax.yaml_config import load_yaml_config
-
-# Magpie's stop set for the query: <|eot_id|> 128009, <|end_of_text|> 128001, and the header
-# markers 128006/128007 (a model that starts another header has finished the user turn).
-INSTRUCTION_STOPS = ["<|eot_id|>", "<|end_of_text|>", "<|start_header_id|>",
-                     "<|end_header_id|>"]
-RESPONSE_STOPS = ["<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"]
 
 
 @dataclass
@@ -41,40 +36,41 @@ class OutputConfig:
 
 @dataclass
 class InstructionSampling(SamplingConfig):
-    """Magpie's query sampling: temperature 0.9, top-p 1.0, stop on eot/end/header ids."""
+    """Magpie's query sampling: temperature 0.9, top-p 1.0; stops (by default) on the chat
+    template's tokens after a user turn (Llama 3.1: eot, end of text, header markers)."""
 
     temperature: float = 0.9
     max_new_tokens: int = 512
-    stop_tokens: list[str] = field(default_factory=lambda: list(INSTRUCTION_STOPS))
 
 
 @dataclass
 class ResponseSampling(SamplingConfig):
-    """Magpie's response sampling: temperature 0.6, top-p 0.9."""
+    """Magpie's response sampling: temperature 0.6, top-p 0.9; stops (by default) on the
+    template's end of turn."""
 
     temperature: float = 0.6
     top_p: float = 0.9
     max_new_tokens: int = 2048
-    stop_tokens: list[str] = field(default_factory=lambda: list(RESPONSE_STOPS))
 
 
 @dataclass
 class TranslationSampling(SamplingConfig):
-    """Greedy translation."""
+    """Greedy translation, stopping (by default) at the template's end of turn."""
 
     temperature: float = 0.0
     max_new_tokens: int = 2048
-    stop_tokens: list[str] = field(default_factory=lambda: list(RESPONSE_STOPS))
 
 
 @dataclass
 class GenerateConfig:
     """Magpie: ``num_samples`` conversations from the instruct model alone.
 
-    system_prompt: a system block before the pre-query template (e.g. asking for Basque);
-      null gives Magpie's bare ``<|begin_of_text|><|start_header_id|>user<|end_header_id|>``.
-    chat_template / chat_date / response_system_prompt: how the response prompt is built
-      (the Llama 3.1 template always has a system block with dates, as ``apply_chat_template``).
+    system_prompt: a system message before the pre-query prompt (e.g. asking for Basque);
+      null gives Magpie's bare ``<|begin_of_text|><|start_header_id|>user<|end_header_id|>``
+      for Llama 3.1, the template's own default system block for other templates.
+    chat_template (auto | llama31 | llama3 | PATH.jinja, as ``data.chat_template``) /
+      chat_date / response_system_prompt: the pre-query prompt, the stop tokens and the
+      response prompt all come from it.
     on_truncated_instruction: ``skip`` records a query that hit ``max_new_tokens`` without a
       stop token as status ``instruction_truncated``; ``respond`` answers it anyway.
     """
@@ -84,7 +80,7 @@ class GenerateConfig:
     num_samples: int
     seed: int = 0
     system_prompt: str | None = None
-    chat_template: Literal["llama31", "llama3"] = "llama31"
+    chat_template: str = "auto"
     chat_date: str = "26 Jul 2024"
     response_system_prompt: str = ""
     on_truncated_instruction: Literal["skip", "respond"] = "skip"
@@ -96,6 +92,7 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         _needs_tokenizer(self.model)
+        check_chat_template_setting(self.chat_template, "chat_template")
         if self.num_samples < 1:
             raise ConfigError(f"num_samples: must be >= 1, got {self.num_samples}")
 
@@ -124,7 +121,7 @@ class TranslateConfig:
     roles: list[str] = field(default_factory=lambda: ["system", "user", "assistant"])
     num_records: int | None = None
     seed: int = 0
-    chat_template: Literal["llama31", "llama3"] = "llama31"
+    chat_template: str = "auto"
     chat_date: str = "26 Jul 2024"
     sampling: TranslationSampling = field(default_factory=TranslationSampling)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -133,6 +130,7 @@ class TranslateConfig:
 
     def __post_init__(self) -> None:
         _needs_tokenizer(self.model)
+        check_chat_template_setting(self.chat_template, "chat_template")
         if "{text}" not in self.prompt:
             raise ConfigError("prompt: must contain the placeholder {text}")
         try:

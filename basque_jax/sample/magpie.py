@@ -2,10 +2,11 @@
 
 For each work index ``i``:
 
-1. the model sees only the chat template up to where a user message starts,
+1. the model sees only the chat template up to where a user message starts -- for Llama 3.1
    ``<|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n`` (optionally after a
-   system block), and writes the user query (defaults: temperature 0.9, top-p 1.0; stops on
-   ``<|eot_id|>``, ``<|end_of_text|>`` and the header markers);
+   system block), for other templates their rendering cut where the user's content begins --
+   and writes the user query (defaults: temperature 0.9, top-p 1.0; stops on the template's
+   tokens after a user turn: ``<|eot_id|>``, ``<|end_of_text|>`` and the header markers);
 2. the query goes back as a normal chat prompt and the model answers it (temperature 0.6,
    top-p 0.9).
 
@@ -24,27 +25,12 @@ from typing import Any
 
 import jax
 
-from basque_jax.data.chat import ChatEncoder
-from basque_jax.data.tokenizer import BOS, EOT, Tokenizer
+from basque_jax.data.templates import make_chat_encoder
+from basque_jax.data.tokenizer import Tokenizer
 from basque_jax.sample.config import GenerateConfig
 from basque_jax.sample.runtime import derive_seed, finish, load_sampling_model, make_sampler
 from basque_jax.sample.sampler import Completion, PromptTooLong, Request, Sampler
 from basque_jax.sample.shards import ShardWriter, done_indices, todo_indices
-
-
-def pre_query_ids(tokenizer: Tokenizer, system_prompt: str | None = None) -> list[int]:
-    """Token ids of Magpie's pre-query template (special tokens by id, text encoded).
-
-    Without a system prompt: ``<|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n``;
-    with one, Magpie's system block comes first:
-    ``<|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n{system}<|eot_id|>`` ...
-    """
-    enc = ChatEncoder(tokenizer, template="llama3")
-    ids = [tokenizer.token_id(BOS)]
-    if system_prompt:
-        ids += enc.header("system") + tokenizer.encode(system_prompt.strip())
-        ids.append(tokenizer.token_id(EOT))
-    return ids + enc.header("user")
 
 
 class MagpieJob:
@@ -56,12 +42,12 @@ class MagpieJob:
         self.sampler = sampler
         self.tok = tokenizer
         self.model_name = model_name
-        self.pre_query = pre_query_ids(tokenizer, cfg.system_prompt)
-        self.encoder = ChatEncoder(tokenizer, template=cfg.chat_template,
-                                   date_string=cfg.chat_date,
-                                   system_prompt=cfg.response_system_prompt)
-        self.instruction_params = cfg.instruction.params(tokenizer)
-        self.response_params = cfg.response.params(tokenizer)
+        self.encoder = make_chat_encoder(tokenizer, cfg.chat_template, date_string=cfg.chat_date,
+                                         system_prompt=cfg.response_system_prompt)
+        self.pre_query = self.encoder.pre_query_ids(cfg.system_prompt)
+        self.instruction_params = cfg.instruction.params(tokenizer,
+                                                         self.encoder.user_turn_stop_ids)
+        self.response_params = cfg.response.params(tokenizer, self.encoder.stop_ids)
         sampler.check(Request(self.pre_query, self.instruction_params))
 
     def record(self, index: int, status: str, query: str, answer: str | None,

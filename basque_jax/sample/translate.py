@@ -17,9 +17,9 @@ from typing import Any
 
 import jax
 
-from basque_jax.data.chat import ChatEncoder
 from basque_jax.data.formats import BadRecord, parse_record
 from basque_jax.data.sources import open_random_access
+from basque_jax.data.templates import ConversationEncoder, make_chat_encoder
 from basque_jax.data.tokenizer import Tokenizer
 from basque_jax.errors import ConfigError
 from basque_jax.sample.config import TranslateConfig
@@ -28,13 +28,13 @@ from basque_jax.sample.sampler import Completion, PromptTooLong, Request, Sample
 from basque_jax.sample.shards import ShardWriter, done_indices, todo_indices
 
 
-def translation_encoder(cfg: TranslateConfig, tokenizer: Tokenizer) -> ChatEncoder:
+def translation_encoder(cfg: TranslateConfig, tokenizer: Tokenizer) -> ConversationEncoder:
     """The chat encoder of translation prompts (template, date, system prompt)."""
-    return ChatEncoder(tokenizer, template=cfg.chat_template, date_string=cfg.chat_date,
-                       system_prompt=cfg.system_prompt)
+    return make_chat_encoder(tokenizer, cfg.chat_template, date_string=cfg.chat_date,
+                             system_prompt=cfg.system_prompt)
 
 
-def translation_prompt(encoder: ChatEncoder, prompt: str, text: str) -> list[int]:
+def translation_prompt(encoder: ConversationEncoder, prompt: str, text: str) -> list[int]:
     """Chat prompt ids asking (with ``prompt``, ``{text}`` filled) to translate ``text``."""
     ids, _ = encoder.encode_chat([("user", prompt.format(text=text))],
                                  add_generation_prompt=True)
@@ -50,8 +50,8 @@ class TranslateJob:
         self.sampler = sampler
         self.tok = tokenizer
         self.model_name = model_name
-        self.params = cfg.sampling.params(tokenizer)
         self.encoder = translation_encoder(cfg, tokenizer)
+        self.params = cfg.sampling.params(tokenizer, self.encoder.stop_ids)
 
     def record(self, index: int, status: str, turns: list[tuple[str, str]],
                translated: dict[int, str], completions: dict[int, Completion], where: str,

@@ -1,0 +1,127 @@
+"""Log-likelihoods of token continuations, batched and sharded: the scorer behind lm-eval's
+``loglikelihood`` and ``loglikelihood_rolling`` requests on a basque_jax model.
+
+``score_requests(model, [(context_ids, continuation_ids), ...])`` returns, per request, the sum
+of the continuation's log-probabilities under the model and whether every continuation token
+is the model's argmax -- lm-eval's ``(logprob, is_greedy)``, computed as its ``hf`` backend
+does: context + continuation truncated on the left to ``max_length + 1`` tokens, log-softmax
+in float32 over the whole output vocabulary. Rows are sorted by length and padded to a
+power-of-two bucket (few compiled shapes); on a mesh they are split over the batch axes, every
+process holding the full request list (SPMD) and reading back every row's result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from basque_jax.errors import UserError
+from basque_jax.sharding import batch_sharding, batch_shards, use_sharding
+
+MIN_BUCKET = 16
+LOGIT_CHUNK = 256  # positions whose [batch, positions, vocab] float32 logits exist at once
+
+
+def _bucket(n: int, max_length: int) -> int:
+    size = MIN_BUCKET
+    while size < n:
+        size *= 2
+    return min(size, max_length)
+
+
+def score_fn(graphdef: nnx.GraphDef, chunk: int = LOGIT_CHUNK):
+    """Jitted ``(state, ids, positions, segments, targets, mask) -> (ll [b], greedy [b])``.
+
+    Logits are formed ``chunk`` positions at a time (a scan over the sequence), so a batch of
+    long rows never holds ``[batch, seq, vocab]`` float32 logits.
+    """
+
+    def score(state, ids, positions, segments, targets, mask):
+        model = nnx.merge(graphdef, state)
+        hidden = model(ids, positions=positions, segment_ids=segments, return_hidden=True)
+        b, t = ids.shape
+        n = t // chunk if t > chunk and t % chunk == 0 else 1
+
+        def split(x):
+            return x.reshape(b, n, t // n, *x.shape[2:]).swapaxes(0, 1)
+
+        def one(carry, xs):
+            h, tg, m = xs
+            logits = model.logits(h).astype(jnp.float32)
+            logp = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+            picked = jnp.take_along_axis(logp, tg[..., None], axis=-1)[..., 0]
+            on = m > 0
+            ll = jnp.sum(jnp.where(on, picked, 0.0), axis=-1)
+            ok = jnp.all(jnp.where(on, jnp.argmax(logits, axis=-1) == tg, True), axis=-1)
+            return (carry[0] + ll, carry[1] & ok), None
+
+        init = (jnp.zeros((b,), jnp.float32), jnp.ones((b,), bool))
+        (ll, greedy), _ = jax.lax.scan(one, init, (split(hidden), split(targets), split(mask)))
+        return ll, greedy
+
+    return jax.jit(score)
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def score_requests(model: nnx.Module, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+                   *, batch_size: int = 8, max_length: int | None = None,
+                   mesh: Mesh | None = None, rules: dict | None = None, scorer=None
+                   ) -> list[tuple[float, bool]]:
+    """``(log-likelihood, is_greedy)`` of each ``(context, continuation)`` token-id pair.
+
+    Rows longer than ``max_length`` (default: the model's ``max_position_embeddings``) lose
+    tokens from the left. With a ``mesh``, rows are sharded over its batch axes (the batch is
+    rounded up to a multiple of their size). ``scorer``: a :func:`score_fn` to reuse.
+    """
+    max_length = max_length or model.config.max_position_embeddings
+    if mesh is not None:
+        ways = batch_shards(mesh, rules)
+        batch_size = -(-batch_size // ways) * ways
+        sharding = batch_sharding(mesh, rules)
+    graphdef, state = nnx.split(model)
+    score = scorer or score_fn(graphdef)
+    rows = []
+    for ctx, cont in requests:
+        if not cont:
+            raise UserError("empty continuation (a choice that encodes to no tokens)")
+        if not ctx:
+            raise UserError("empty context: give a BOS token or a prompt")
+        tokens = [*ctx, *cont][-(max_length + 1):]
+        rows.append((tokens, min(len(cont), len(tokens) - 1)))
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        length = _bucket(max(len(rows[i][0]) - 1 for i in chunk), max_length)
+        arrays = {k: np.zeros((batch_size, length), np.int32)
+                  for k in ("ids", "positions", "segments", "targets", "mask")}
+        for r, i in enumerate(chunk):
+            tokens, n_cont = rows[i]
+            n = len(tokens) - 1
+            arrays["ids"][r, :n] = tokens[:-1]
+            arrays["targets"][r, :n] = tokens[1:]
+            arrays["positions"][r, :n] = np.arange(n)
+            arrays["segments"][r, :n] = 1
+            arrays["mask"][r, n - n_cont:n] = 1
+        if mesh is not None:
+            placed = [jax.make_array_from_callback(a.shape, sharding, lambda idx, a=a: a[idx])
+                      for a in arrays.values()]
+            with use_sharding(mesh, rules):
+                ll, greedy = score(state, *placed)
+        else:
+            ll, greedy = score(state, *map(jnp.asarray, arrays.values()))
+        ll, greedy = _host(ll), _host(greedy)
+        for r, i in enumerate(chunk):
+            out[i] = (float(ll[r]), bool(greedy[r]))
+    return out
