@@ -149,6 +149,28 @@ def test_continuous_batching_equals_one_at_a_time(tiny, slots3):
     assert forward != [c.tokens for c in batched]  # sampling did happen
 
 
+def test_watch_sees_progress_and_stops_rows_early(tiny, slots3):
+    """``watch`` sees each running row after every chunk; stopping one (e.g. on a string)
+    leaves the others exactly as they would have run."""
+    import collections
+
+    prompts = _prompts(512, lengths=(3, 15, 6, 9))
+    reqs = [Request(p, SamplingParams(0.0, max_new_tokens=12), tag=i)
+            for i, p in enumerate(prompts)]
+    full = [c.tokens for c in slots3.generate(reqs)]
+    seen: dict[int, list[int]] = collections.defaultdict(list)
+
+    def watch(req, tokens):
+        seen[req.tag].append(len(tokens))
+        return req.tag == 1 and len(tokens) >= 4  # checked every chunk_steps=2 tokens
+
+    got = dict((r.tag, c) for r, c in slots3.stream(collections.deque(reqs), watch=watch))
+    n = len(got[1].tokens)
+    assert got[1].finish_reason == "stop" and 4 <= n < 12 and got[1].tokens == full[1][:n]
+    assert [got[i].tokens for i in (0, 2, 3)] == [full[i] for i in (0, 2, 3)]
+    assert seen[0] == sorted(seen[0]) and seen[0][-1] == 12 and len(seen[0]) >= 6
+
+
 def test_temperature_zero_is_greedy_whatever_the_filters(slots3):
     prompts = _prompts(512, lengths=(4, 7))
     greedy = [c.tokens for c in slots3.generate(prompts, SamplingParams(0.0,

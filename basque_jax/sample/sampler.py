@@ -32,7 +32,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -176,6 +176,8 @@ class Sampler:
         self._prefill_all = jax.jit(self._prefill_all_fn, static_argnames="mode", **donate)
         self._insert = jax.jit(self._insert_fn, static_argnames="mode", **donate)
         self._decode = jax.jit(self._decode_fn, static_argnames="mode", **donate)
+        self._finish = jax.jit(lambda s, rows: s._replace(done=s.done | rows),
+                               donate_argnums=0, out_shardings=self._state_shardings())
 
     # ------------------------------------------------------------------ public
     def set_params(self, *params: Any) -> None:
@@ -213,13 +215,17 @@ class Sampler:
             results[req.tag] = completion
         return results  # type: ignore[return-value]
 
-    def stream(self, pending: collections.deque, *, drain: bool = False
+    def stream(self, pending: collections.deque, *, drain: bool = False,
+               watch: Callable[[Request, list[int]], bool] | None = None
                ) -> Iterator[tuple[Request, Completion]]:
         """Continuous batching over the ``pending`` queue of :class:`Request` s.
 
         Yields ``(request, completion)`` as rows finish; the caller may append to ``pending``
         between yields (e.g. a response request for each finished instruction). With ``drain``
         the last requests run to completion in one call instead of ``chunk_steps`` chunks.
+        ``watch(request, tokens so far)`` is called for every running row after each chunk of
+        decode steps (to stream tokens, or to stop on a string); returning True ends the row
+        there (finish reason ``"stop"``, its tokens as generated so far).
         """
         slots: list[Request | None] = [None] * self.batch_size
         with self._sharding():
@@ -244,10 +250,22 @@ class Sampler:
                 mode = sort_mode([r.params for r in active], self.vocab_size)
                 state = self._decode(self._weights(), state, jnp.int32(steps), mode=mode)
                 done, n_out, out = jax.device_get((state.done, state.n_out, state.out))
+                stopped = np.zeros(self.batch_size, bool)
                 for slot, req in enumerate(slots):
-                    if req is not None and done[slot]:
+                    if req is None:
+                        continue
+                    tokens = out[slot, :n_out[slot]]
+                    if not done[slot] and watch is not None and watch(req, tokens.tolist()):
+                        stopped[slot] = True
                         slots[slot] = None
-                        yield req, _completion(out[slot, :n_out[slot]], req.params)
+                        yield req, Completion([int(t) for t in tokens], "stop")
+                    elif done[slot]:
+                        slots[slot] = None
+                        if watch is not None:
+                            watch(req, tokens.tolist())
+                        yield req, _completion(tokens, req.params)
+                if stopped.any():
+                    state = self._finish(state, jnp.asarray(stopped))
 
     # ------------------------------------------------------------------ host helpers
     def check(self, req: Request) -> None:
