@@ -55,28 +55,41 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator | None,
              meta: dict[str, Any], *, force: bool = False) -> bool:
-        items: dict[str, Any] = {
-            "state": ocp.args.StandardSave(flatten_state(state)),
-            "meta": ocp.args.JsonSave(meta),
-        }
+        """Save ``step``. A data iterator with a global state (prepared data: the same on every
+        process) goes into the metadata, so it restores on any number of processes; any other
+        is saved per process by grain's handler."""
+        meta = {**meta, "processes": jax.process_count()}
+        items: dict[str, Any] = {"state": ocp.args.StandardSave(flatten_state(state))}
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+            data_state = data_iterator.get_state()
+            if isinstance(data_state, dict) and data_state.get("global"):
+                meta["data_state"] = data_state
+            else:
+                items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        items["meta"] = ocp.args.JsonSave(meta)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, step: int, like_state: Any,
                 data_iterator: grain.DatasetIterator | None) -> tuple[Any, dict[str, Any]]:
         """Restore ``step`` onto the shardings of ``like_state``; the iterator is set in place."""
+        meta = self.read_meta(step)
         targets = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
             flatten_state(like_state))
-        items: dict[str, Any] = {
-            "state": ocp.args.StandardRestore(targets),
-            "meta": ocp.args.JsonRestore(),
-        }
-        if data_iterator is not None:
+        items: dict[str, Any] = {"state": ocp.args.StandardRestore(targets)}
+        per_process = data_iterator is not None and "data_state" not in meta
+        if per_process:
+            saved = meta.get("processes", jax.process_count())
+            if saved != jax.process_count():
+                raise UserError(f"{self.directory}/{step}: the data position was saved by "
+                                f"{saved} processes and this run has {jax.process_count()}; "
+                                "resume on as many hosts, or train from prepared data "
+                                "(data.prepared), whose position is global")
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return unflatten_state(like_state, restored["state"]), restored["meta"]
+        if data_iterator is not None and not per_process:
+            data_iterator.set_state(meta["data_state"])
+        return unflatten_state(like_state, restored["state"]), meta
 
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
         """The JSON metadata of ``step`` (default: latest)."""

@@ -23,6 +23,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from basque_jax.config import load_config
     from basque_jax.train.loop import TrainingDiverged, run_training
+    from basque_jax.train.preemption import PREEMPTED_EXIT, Preempted
 
     cfg = load_config(args.config, args.overrides)
     try:
@@ -30,6 +31,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except TrainingDiverged as e:
         print(f"basque-jax train: {e}", file=sys.stderr)
         return 3
+    except Preempted as e:
+        print(f"basque-jax train: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT
     shown = {k: round(v, 4) for k, v in result.items() if isinstance(v, float)}
     print(f"[train] finished: {shown}")
     return 0
@@ -49,6 +53,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from basque_jax.arena.cli import add_arena_parser
+    from basque_jax.data.prepare_cli import add_prepare_parser
     from basque_jax.distributed import add_arguments as add_distributed_arguments
     from basque_jax.eval.cli import add_eval_parser
     from basque_jax.export.cli import add_export_parser
@@ -69,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print a model preset or HF config and its size")
     info.add_argument("model", help="preset name (e.g. llama3.1-8b) or HF folder / config.json")
     info.set_defaults(func=_cmd_info)
+    add_prepare_parser(sub)
     add_export_parser(sub)
     add_convert_parser(sub)
     add_eval_parser(sub)
@@ -79,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands that never join a jax.distributed group.
-LOCAL_COMMANDS = ("demo", "info", "plan", "filter", "convert", "arena")
+LOCAL_COMMANDS = ("demo", "info", "plan", "filter", "convert", "arena", "prepare")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

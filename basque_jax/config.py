@@ -92,12 +92,15 @@ class TrainConfig:
     """The ``train:`` section: steps, the step's options, logging, evaluation, checkpoints.
 
     micro_batches / neftune_alpha / z_loss / loss_chunk / seed are what the jitted step uses
-    (:func:`basque_jax.train.step.make_step_fn`). With ``epoch_tokens`` (tokens in one pass over
-    ``data.sources``) the number of steps is derived from ``data.epochs``.
+    (:func:`basque_jax.train.step.make_step_fn`). ``steps: null`` with prepared data: exactly the
+    batches of ``data.epochs`` passes (counted from the prepared index). With ``epoch_tokens``
+    (an estimate of the tokens in one pass over raw ``data.sources``) the steps are derived
+    from ``data.epochs``. ``accept_config_changes``: resume even though the model, LoRA, data or
+    schedule differ from the checkpoint's (they are listed and refused otherwise).
     """
 
     output_dir: str = "runs/default"
-    steps: int = 100
+    steps: int | None = 100
     micro_batches: int = 1
     seed: int = 0
     neftune_alpha: float = 0.0
@@ -112,12 +115,13 @@ class TrainConfig:
     progress_bar: bool = True
     tensorboard: bool = True
     epoch_tokens: int | None = None
+    accept_config_changes: bool = False
 
     def __post_init__(self) -> None:
         if self.epoch_tokens is not None and self.epoch_tokens < 1:
             raise ConfigError(f"train.epoch_tokens: must be >= 1, got {self.epoch_tokens}")
         for key in ("steps", "micro_batches", "log_every", "eval_batches", "keep_checkpoints"):
-            if getattr(self, key) < 1:
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
         for key in ("eval_every", "save_every", "neftune_alpha", "z_loss", "loss_chunk"):
             if getattr(self, key) < 0:
@@ -184,6 +188,10 @@ class RunConfig:
                          ("merge_lora", "trains its adapters unmerged")):
             if getattr(m, key):
                 raise ConfigError(f"model.{key}: a training run {why}")
+        if self.train.steps is None and self.train.epoch_tokens is None and not (
+                self.data.prepared and self.data.epochs):
+            raise ConfigError("train.steps: null (the exact length of data.epochs passes) needs "
+                              "data.prepared and data.epochs; else give a number of steps")
         if self.train.epoch_tokens is not None:
             if self.data.epochs is None:
                 raise ConfigError("train.epoch_tokens: needs data.epochs (a number of passes)")

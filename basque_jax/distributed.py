@@ -142,3 +142,17 @@ def initialize(args: argparse.Namespace | None = None,
             f"{jax.local_device_count()} local / {jax.device_count()} devices")
     print(f"[distributed] {desc}", flush=True)
     return desc
+
+
+def all_processes_agree(flag: bool) -> bool:
+    """Whether ``flag`` holds on every process (one tiny collective; free on one process).
+    Loops whose hosts may run out of data at different times ask it before each collective
+    step, so that all stop together instead of hanging."""
+    import jax
+
+    if jax.process_count() == 1:
+        return flag
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray([int(flag)], np.int32))))

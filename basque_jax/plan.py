@@ -311,7 +311,7 @@ def plan_run(cfg: RunConfig, topology: str | None = None, *, mfu: float | None =
         compiled_flops_per_step=compiled_flops,
         analytic_flops_per_step=per_token * tokens,
         analytic_attention_flops_per_step=attention_per_token * tokens, tokens_per_step=tokens,
-        steps=cfg.train.steps, mfu=cfg.plan.mfu if mfu is None else mfu,
+        steps=_planned_steps(cfg), mfu=cfg.plan.mfu if mfu is None else mfu,
         peak_flops_per_chip=topo.chip.peak_bf16_flops)
 
 
@@ -324,6 +324,22 @@ def decode_memory(setup, batch: int, max_len: int) -> Memory:
                       graphdef=setup.graphdef, params=(setup.state.params, setup.frozen),
                       mesh=setup.mesh, rules=setup.rules)
     return _compile(*sampler.lower_decode())[1]
+
+
+def _planned_steps(cfg: RunConfig) -> int:
+    """``train.steps``, or for ``steps: null`` the exact count from the prepared data when it
+    is readable here (0 -- no budget -- before ``basque-jax prepare``)."""
+    if cfg.train.steps is not None:
+        return cfg.train.steps
+    from basque_jax.data.tokenizer import load_tokenizer
+    from basque_jax.train.loop import with_exact_steps
+
+    try:
+        return with_exact_steps(cfg, load_tokenizer(cfg.data.tokenizer)).train.steps
+    except (UserError, OSError) as e:
+        print(f"[plan] no step count yet ({' '.join(str(e).split())[:200]}); the budget "
+              "below is 0 until basque-jax prepare has run")
+        return 0
 
 
 # ----------------------------------------------------------------------------- report

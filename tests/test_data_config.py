@@ -13,6 +13,7 @@ BASE = {
     ],
     "seq_len": 128,
     "batch_size": 8,
+    "mixture": "weighted",  # a streaming source has no size to concatenate
 }
 
 
@@ -29,6 +30,8 @@ def test_from_dict_builds_typed_config():
     ("change", "match"),
     [
         ({"seq_lenn": 4}, r"data\.seq_lenn: unknown key"),
+        ({"mixture": "concat"}, r"data\.mixture: streaming sources \['HiTZ/Magpie'\] have no "
+         r"known size"),
         ({"seq_len": "2048"}, r"data\.seq_len: expected int, got str"),
         ({"seq_len": True}, r"data\.seq_len: expected int, got bool"),
         ({"mixture": "zip"}, r"data\.mixture: expected one of \['concat', 'weighted'\]"),
@@ -43,7 +46,7 @@ def test_from_dict_builds_typed_config():
         ({"sources": [{"path": "a"}]}, r"data\.sources\[0\]: .*kind"),
         ({"sources": [{"kind": "corpus", "path": "a"}, {"kind": "chat", "path": "a"}]},
          r"duplicate source names"),
-        ({"sources": [{"kind": "corpus", "path": "a", "weight": 2}]},
+        ({"sources": [{"kind": "corpus", "path": "a", "weight": 2}], "mixture": "concat"},
          r"weight only applies to mixture 'weighted'"),
         ({"sources": [{"kind": "corpus", "path": "a", "streaming": True}]},
          r"streaming applies to hf_dataset"),

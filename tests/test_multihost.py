@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -53,8 +54,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch_two(out_dir: Path, steps: int, model: str) -> list[str]:
-    """Run ``basque-jax train`` as processes 0 and 1 of 2 (4 CPU devices each)."""
+def _start_two(out_dir: Path, *args: str) -> list[subprocess.Popen]:
+    """Start ``basque-jax train`` as processes 0 and 1 of 2 (4 CPU devices each)."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
            "JAX_PLATFORMS": "cpu",  # the resumed launch reuses the first one's executables
            "JAX_COMPILATION_CACHE_DIR": str(out_dir.parent / "jax_cache"),
@@ -63,21 +64,35 @@ def _launch_two(out_dir: Path, steps: int, model: str) -> list[str]:
                 distributed.ENV_PROCESS_ID):
         env.pop(key, None)
     port = _free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "basque_jax.cli", "train", str(DEMO), *RUN,
-         "model.preset=null", f"model.init_from={model}",
-         f"train.steps={steps}", f"train.output_dir={out_dir}",
+    return [subprocess.Popen(
+        [sys.executable, "-m", "basque_jax.cli", "train", str(DEMO), *RUN, *args,
+         f"train.output_dir={out_dir}",
          "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(2)]
-    outputs = []
+
+
+def _finish(procs: list[subprocess.Popen], timeout: float = 600) -> tuple[list[str], list[int]]:
+    """Outputs and exit codes; a process still running after ``timeout`` (a hang) fails."""
+    outputs, codes = [], []
+    deadline = time.time() + timeout
     for p in procs:
         try:
-            out, _ = p.communicate(timeout=600)
-        finally:
-            p.kill()
+            out, _ = p.communicate(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"a process hung (still running after {timeout:.0f} s)")
         outputs.append(out)
-        assert p.returncode == 0, out[-3000:]
+        codes.append(p.returncode)
+    return outputs, codes
+
+
+def _launch_two(out_dir: Path, steps: int, model: str, *extra: str) -> list[str]:
+    outputs, codes = _finish(_start_two(out_dir, "model.preset=null", f"model.init_from={model}",
+                                        f"train.steps={steps}", *extra))
+    for out, code in zip(outputs, codes, strict=True):
+        assert code == 0, out[-3000:]
     return outputs
 
 
@@ -107,7 +122,7 @@ def test_two_processes_match_one_and_resume(tmp_path, tiny_model):
     first = _launch_two(out_dir, steps=2, model=tiny_model)
     assert any("[distributed] process 0 of 2, 4 local / 8 devices" in o for o in first)
     assert any("[distributed] process 1 of 2, 4 local / 8 devices" in o for o in first)
-    second = _launch_two(out_dir, steps=4, model=tiny_model)
+    second = _launch_two(out_dir, 4, tiny_model, "train.accept_config_changes=true")
     assert all("resumed from" in o for o in second), second[0][-2000:]
     # both processes restore the data iterator they saved
     saved = (out_dir / "checkpoints" / "2" / "data").iterdir()
@@ -124,6 +139,64 @@ def test_two_processes_match_one_and_resume(tmp_path, tiny_model):
         a = {r.tobytes() for r in host0["input_ids"]}
         b = {r.tobytes() for r in host1["input_ids"]}
         assert not a & b
+
+
+def _uneven_corpus(tmp_path: Path) -> tuple[list[str], list[int]]:
+    """Overrides reading records whose packing gives the two hosts different numbers of
+    batches, and those numbers."""
+    rng = np.random.default_rng(0)
+    words = ["mendi", "itsaso", "etxe", "herri", "kale", "ibai", "zuhaitz", "lore"]
+    rows = [{"text": " ".join(rng.choice(words, int(rng.integers(3, 40))))} for _ in range(40)]
+    path = tmp_path / "uneven.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = load_tokenizer("demo")
+    for seed in range(50):
+        args = [f"data.sources=[{{kind: corpus, path: {path}}}]", "data.epochs=1",
+                "data.seq_len=64", f"data.seed={seed}", "train.steps=20"]
+        cfg = load_config(DEMO, [*RUN, *args])
+        counts = [sum(1 for _ in make_pipeline(cfg.data, tok, process_index=i,
+                                               process_count=2)) for i in range(2)]
+        if counts[0] != counts[1]:
+            return args, counts
+    raise AssertionError("no seed gives uneven shards")
+
+
+@pytest.mark.slow
+def test_hosts_with_uneven_data_stop_together_in_training_and_eval(tmp_path, tiny_model):
+    """Host A runs out of batches before host B: both stop at A's last step (training and
+    held-out loss alike) instead of B waiting forever in a collective."""
+    args, counts = _uneven_corpus(tmp_path)
+    sources = args[0].split("=", 1)[1]
+    eval_args = [f"eval_data={{tokenizer: demo, sources: {sources}, seq_len: 64, epochs: 1, "
+                 f"batch_size: 8, seed: {args[3].split('=')[1]}}}", "train.eval_every=1",
+                 "train.eval_batches=100"]
+    outputs, codes = _finish(_start_two(tmp_path / "run", "model.preset=null",
+                                        f"model.init_from={tiny_model}", *args, *eval_args),
+                             timeout=420)
+    assert codes == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert all(f"data exhausted after step {min(counts)} " in o for o in outputs), counts
+
+
+@pytest.mark.slow
+def test_a_preempted_host_makes_every_host_save_the_same_step(tmp_path, tiny_model):
+    out = tmp_path / "run"
+    procs = _start_two(out, "model.preset=null", f"model.init_from={tiny_model}",
+                       "train.steps=200", "data.epochs=null")
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert time.time() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.1)
+    procs[1].send_signal(15)  # SIGTERM to one host only
+    outputs, codes = _finish(procs, timeout=300)
+    assert codes == [75, 75], outputs[0][-2000:] + outputs[1][-2000:]
+    steps = [int(o.split("preempted: saved step ")[1].split()[0]) for o in outputs]
+    assert steps[0] == steps[1] and 3 <= steps[0] < 200
+    from basque_jax.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(out / "checkpoints", async_save=False)
+    assert ckpt.latest_step() == steps[0]
+    ckpt.close()
 
 
 # ------------------------------------------------------------------ settings

@@ -257,6 +257,28 @@ def test_recover_relaunches_a_dead_run_and_stops_when_done(gcloud):
     assert [c[3] for c in gcloud.calls()] == ["describe", "ssh"]
 
 
+def test_recover_stops_on_a_failed_run_and_launch_records_exit_status(gcloud):
+    out = gcloud.run("recover.sh", *RECOVER, check=False, FAKE_STATE="READY", FAKE_JOB="FAILED")
+    assert out.returncode != 0 and "not relaunching" in out.stderr
+    assert [c[3] for c in gcloud.calls()] == ["describe", "ssh"]  # no relaunch
+    venv_bin = gcloud.home / "basque-jax" / "venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    run = gcloud.home / "basque-jax" / "run"
+    for code in (75, 0):  # preempted (saved, resume), then finished
+        (venv_bin / "basque-jax").write_text(f"#!/usr/bin/env bash\nexit {code}\n")
+        (venv_bin / "basque-jax").chmod(0o755)
+        (run / "train.pid").unlink(missing_ok=True)
+        gcloud.run("launch.sh", *LOC, "basque-jax/configs/x.yaml", FAKE_EXEC="1")
+        import time
+
+        for _ in range(100):
+            if (run / "EXIT").exists():
+                break
+            time.sleep(0.05)
+        assert (run / "EXIT").read_text().strip() == str(code)
+        assert (run / "DONE").exists() == (code == 0)
+
+
 def test_recover_dry_run_prints_check_and_recovery(gcloud):
     lines = _dry(gcloud, "recover.sh", *RECOVER[:-2], "--queued")
     verbs = [" ".join(line.split()[3:5]) for line in lines]

@@ -114,24 +114,40 @@ def _env():
     return env
 
 
+def _wait_for_steps(proc, metrics: Path, steps: int) -> None:
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        assert proc.poll() is None, "training ended before the signal"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
+            return
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
-def test_sigkill_and_restart_is_bitwise_identical(tmp_path):
-    args = ("train.steps=24", "train.save_every=4", "train.log_every=1", "data.worker_count=0")
-    ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
+def test_sigterm_then_sigkill_and_restarts_are_bitwise_identical(tmp_path):
+    """A preemption (SIGTERM) saves the current step and exits 75; a kill -9 loses only what
+    came after the last checkpoint; both restarts end on the uninterrupted run's weights."""
+    args = ("train.steps=24", "train.save_every=8", "train.log_every=1", "data.worker_count=0")
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "interrupted"
     subprocess.run(_train_cmd(ref_dir, *args), check=True, env=_env(), capture_output=True)
+    metrics = run_dir / "metrics.jsonl"
+
+    proc = subprocess.Popen(_train_cmd(run_dir, *args), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_steps(proc, metrics, 5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 75, proc.stderr.read()
+    assert "preempted: saved step" in proc.stderr.read()
+    ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
+    saved = ckpt.latest_step()
+    ckpt.close()
+    assert 5 <= saved < 8  # the step it was at, not the last multiple of save_every
 
     proc = subprocess.Popen(_train_cmd(run_dir, *args), env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill once a checkpoint exists and training is mid-way
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 10:
-            break
-        time.sleep(0.05)
+    _wait_for_steps(proc, metrics, 18)  # past the resumed run's checkpoint at step 16
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = len(metrics.read_text().splitlines())
-    assert 4 <= done < 24, f"kill landed at step {done}"
     result = subprocess.run(_train_cmd(run_dir, *args), env=_env(), capture_output=True,
                             text=True, check=True)
     assert "resumed from" in result.stdout
@@ -139,6 +155,18 @@ def test_sigkill_and_restart_is_bitwise_identical(tmp_path):
     assert sorted(ref) == sorted(resumed)
     for k in ref:
         np.testing.assert_array_equal(resumed[k], ref[k], err_msg=k)
+
+
+def test_resume_refuses_a_changed_config_unless_accepted(tmp_path):
+    base = [*SMALL, "train.steps=2", f"train.output_dir={tmp_path}"]
+    run_training(load_config(DEMO, base))
+    changed = load_config(DEMO, [*base, "train.steps=4", "optim.lr=1e-2", "lora.rank=4",
+                                 "train.log_every=1", "mesh.data=2", "mesh.fsdp=-1"])
+    with pytest.raises(ConfigError, match=r"differs from the checkpoint's in 3 field\(s\): "
+                       r"lora\.rank: 16 -> 4; optim\.lr: 0\.003 -> 0\.01; train\.steps: 2 -> 4"):
+        run_training(changed)
+    accepted = load_config(DEMO, [*base, "train.steps=4", "train.accept_config_changes=true"])
+    assert run_training(accepted)["loss"] > 0  # logging cadence / mesh changes are free
 
 
 def test_checkpoint_restores_onto_another_mesh(tmp_path):

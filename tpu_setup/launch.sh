@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Start the same `basque-jax train` on every worker, detached (it survives the ssh session),
-# logging to $HOME/basque-jax/run/train.log; $HOME/basque-jax/run/DONE appears when it
+# logging to $HOME/basque-jax/run/train.log; $HOME/basque-jax/run/EXIT holds its exit status
+# (75: preempted after saving, resume it) and $HOME/basque-jax/run/DONE appears when it
 # finishes. jax.distributed connects the workers by itself (BASQUE_JAX_DISTRIBUTED=auto); a
 # run whose train.output_dir (gs://...) holds checkpoints resumes from the latest one.
 #
@@ -31,13 +32,13 @@ done
 
 RUN="$REMOTE_HOME_DIR/run"
 TRAIN="$(quote_args env "${ENVS[@]}" "$REMOTE_HOME_DIR/venv/bin/basque-jax" train "${ARGS[@]}")"
-JOB="$TRAIN && touch $RUN/DONE"
+JOB="$TRAIN; code=\$?; echo \$code > $RUN/EXIT; if [ \$code = 0 ]; then touch $RUN/DONE; fi"
 if [[ "$RESTART" == 1 ]]; then
   STOP="if [ -f $RUN/train.pid ]; then kill \$(cat $RUN/train.pid) 2>/dev/null || true; sleep 5; fi"
 else
   STOP="if [ -f $RUN/train.pid ] && kill -0 \$(cat $RUN/train.pid) 2>/dev/null; then echo \"a run is still going on \$(hostname) (use --restart)\" >&2; exit 1; fi"
 fi
-COMMAND="set -euo pipefail; cd \"\$HOME\"; mkdir -p $RUN; $STOP; rm -f $RUN/DONE"
+COMMAND="set -euo pipefail; cd \"\$HOME\"; mkdir -p $RUN; $STOP; rm -f $RUN/DONE $RUN/EXIT"
 COMMAND+="; nohup setsid bash -c $(printf '%q' "$JOB") >> $RUN/train.log 2>&1 < /dev/null &"
 COMMAND+=" echo \$! > $RUN/train.pid; echo \"started on \$(hostname): pid \$(cat $RUN/train.pid)\""
 tpu_ssh all "$COMMAND"

@@ -54,14 +54,17 @@ if [[ "$QUEUED" == 1 ]]; then COMMON+=(--queued); fi
 if [[ "$DRY_RUN" == 1 ]]; then COMMON+=(--dry-run); fi
 RUN="$REMOTE_HOME_DIR/run"
 
-# job_status: DONE, RUNNING or STOPPED (the run is gone on at least one worker).
+# job_status: DONE, RUNNING, FAILED (a worker's run exited with an error other than 75, the
+# preemption status: a config error, a divergence -- relaunching would not help) or STOPPED
+# (the run is gone on at least one worker, or was preempted: relaunch to resume).
 job_status() {
   local flags out
   mapfile -t flags < <(location_flags)
   out="$("$GCLOUD" compute tpus tpu-vm ssh "$TPU_NAME" "${flags[@]}" --worker=all \
-    "--command=if [ -f $RUN/DONE ]; then echo DONE; elif [ -f $RUN/train.pid ] && kill -0 \$(cat $RUN/train.pid) 2>/dev/null; then echo RUNNING; else echo STOPPED; fi" \
+    "--command=if [ -f $RUN/DONE ]; then echo DONE; elif [ -f $RUN/train.pid ] && kill -0 \$(cat $RUN/train.pid) 2>/dev/null; then echo RUNNING; elif [ -f $RUN/EXIT ] && [ \"\$(cat $RUN/EXIT)\" != 75 ]; then echo FAILED; else echo STOPPED; fi" \
     2>/dev/null)" || { echo STOPPED; return; }
-  if grep -q STOPPED <<<"$out"; then echo STOPPED
+  if grep -q FAILED <<<"$out"; then echo FAILED
+  elif grep -q STOPPED <<<"$out"; then echo STOPPED
   elif grep -q RUNNING <<<"$out"; then echo RUNNING
   elif grep -q DONE <<<"$out"; then echo DONE
   else echo STOPPED; fi
@@ -106,6 +109,7 @@ while true; do
       log "run: $job"
       case "$job" in
         DONE) log "the run has finished"; exit 0 ;;
+        FAILED) die "the run exited with an error on a worker (see tpu_setup/logs.sh); not relaunching" ;;
         STOPPED)
           ((restarts < MAX_RESTARTS)) || die "gave up after $restarts recoveries"
           restarts=$((restarts + 1))

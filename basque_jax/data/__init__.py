@@ -1,37 +1,28 @@
 """Data pipeline (grain): sources -> tokenize/chat template -> mix -> pack -> per-host batches.
 
 The batch contract is documented in ``basque_jax.data.batch``; the entry point is
-``make_pipeline(DataConfig, tokenizer, process_index=..., process_count=...)``.
+``make_pipeline(DataConfig, tokenizer, process_index=..., process_count=...)``. Names load
+lazily (worker processes and the command line do not import JAX).
 """
 
-from basque_jax.data.batch import BATCH_KEYS, check_batch, make_global_batch
-from basque_jax.data.chat import ChatEncoder
-from basque_jax.data.config import DataConfig, SourceConfig
-from basque_jax.data.demo_tokenizer import build_demo_tokenizer
-from basque_jax.data.embedded import embedded_data_config
-from basque_jax.data.pipeline import (
-    make_dataset,
-    make_pipeline,
-    pipeline_stats,
-    pipeline_summary,
-)
-from basque_jax.data.stats import DataError
-from basque_jax.data.tokenizer import Tokenizer, load_tokenizer
+from __future__ import annotations
 
-__all__ = [
-    "BATCH_KEYS",
-    "ChatEncoder",
-    "DataConfig",
-    "DataError",
-    "SourceConfig",
-    "Tokenizer",
-    "build_demo_tokenizer",
-    "check_batch",
-    "load_tokenizer",
-    "make_dataset",
-    "make_global_batch",
-    "make_pipeline",
-    "pipeline_stats",
-    "pipeline_summary",
-    "embedded_data_config",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "BATCH_KEYS": "batch", "check_batch": "batch", "make_global_batch": "batch",
+    "ChatEncoder": "chat", "DataConfig": "config", "SourceConfig": "config",
+    "build_demo_tokenizer": "demo_tokenizer", "embedded_data_config": "embedded",
+    "make_dataset": "pipeline", "make_pipeline": "pipeline", "pipeline_stats": "pipeline",
+    "pipeline_summary": "pipeline", "DataError": "stats", "Tokenizer": "tokenizer",
+    "load_tokenizer": "tokenizer", "make_chat_encoder": "templates",
+    "TemplateEncoder": "templates",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"basque_jax.data.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'basque_jax.data' has no attribute {name!r}")

@@ -105,6 +105,11 @@ class DataConfig:
       evaluate on every record).
     worker_count: grain worker processes (0: in-process). read_threads: threads per process.
     shuffle_buffer: shuffle buffer of streaming hub sources.
+    prepared: a folder of prepared token shards (``basque-jax prepare``, see ``prepared.py``):
+      training reads them instead of the raw sources, with every host packing the same global
+      batches (a global data position, exact epochs); ``mixture`` must be ``concat``. A
+      ``gs://`` folder can be prepared into, and is read through a mount (gcsfuse).
+    shard_records: source records per prepared shard (the unit of parallel, resumable work).
     """
 
     sources: list[SourceConfig] = field(default_factory=list)
@@ -125,6 +130,8 @@ class DataConfig:
     worker_buffer_size: int = 2
     read_threads: int = 1
     shuffle_buffer: int = 10_000
+    prepared: str | None = None
+    shard_records: int = 100_000
 
     def __post_init__(self) -> None:
         check_chat_template_setting(self.chat_template)
@@ -139,10 +146,20 @@ class DataConfig:
             (self.read_threads >= 0, "read_threads must be >= 0"),
             (self.shuffle_buffer >= 0, "shuffle_buffer must be >= 0"),
             (0 <= self.seed < 2**32, "seed must be in [0, 2**32)"),
+            (self.shard_records >= 1, "shard_records must be >= 1"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(f"data: {msg}")
+        streaming = [s.name for s in self.sources if s.streaming]
+        if streaming and self.mixture != "weighted" and not self.prepared:
+            raise ConfigError(f"data.mixture: streaming sources {streaming} have no known size "
+                              "to concatenate and shuffle; use mixture 'weighted', or prepare "
+                              "the data once (data.prepared + basque-jax prepare)")
+        if self.prepared and self.mixture != "concat":
+            raise ConfigError("data.mixture: prepared data is mixed as the study did (concat: "
+                              "every source shuffled together); weighted mixing needs the raw "
+                              "sources (data.prepared: null)")
         names = [s.name for s in self.sources]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:

@@ -3,6 +3,9 @@
     sources -> mix/shuffle/epochs/host shard -> decode + template + segment (RecordProcessor)
     -> count & skip bad records -> pack to seq_len -> per-host batches -> worker processes
 
+or, with ``data.prepared`` (token shards written once by ``basque-jax prepare``), the global
+batches of ``global_batches.py``: one packing plan on every host, each feeding its own rows.
+
 The iterator is a grain ``DatasetIterator``: ``get_state()``/``set_state()`` (JSON-able dicts;
 the training checkpoint saves them with grain's orbax handler) resume exactly;
 ``pipeline_stats(it)`` reports skipped and truncated records. Batches follow the contract
@@ -87,6 +90,8 @@ def make_dataset(
         if not cfg.tokenizer:
             raise ValueError("no tokenizer given and data.tokenizer is not set")
         tokenizer = load_tokenizer(cfg.tokenizer)
+    if cfg.prepared:
+        return prepared_dataset(cfg, tokenizer, process_index, process_count)
     per_host = cfg.batch_size // process_count
     processor = RecordProcessor(cfg.sources, tokenizer, cfg)
     read_options = grain.ReadOptions(
@@ -125,6 +130,20 @@ def make_dataset(
         )
         batches = batches.mp_prefetch(options, worker_init_fn=mark_absl_flags_parsed)
     return batches
+
+
+def prepared_dataset(cfg: DataConfig, tokenizer: Tokenizer, process_index: int,
+                     process_count: int) -> grain.IterDataset:
+    """This host's rows of the global batches of prepared data (``global_batches.py``),
+    prefetched in a thread."""
+    from basque_jax.data.global_batches import Planner, PreparedBatches
+    from basque_jax.data.prepared import open_prepared
+
+    sources = open_prepared(cfg, tokenizer)
+    ds = PreparedBatches(Planner(sources, cfg), sources, process_index=process_index,
+                         process_count=process_count, read_threads=max(cfg.read_threads, 4))
+    return grain.experimental.ThreadPrefetchIterDataset(
+        ds, prefetch_buffer_size=cfg.worker_buffer_size)
 
 
 def make_pipeline(

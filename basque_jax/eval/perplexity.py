@@ -24,6 +24,7 @@ from basque_jax.data.batch import make_global_batch
 from basque_jax.data.config import DataConfig, SourceConfig
 from basque_jax.data.pipeline import make_pipeline, pipeline_stats
 from basque_jax.data.tokenizer import Tokenizer
+from basque_jax.distributed import all_processes_agree
 from basque_jax.errors import UserError
 from basque_jax.model.loss import batch_loss
 from basque_jax.sharding import batch_sharding, use_sharding
@@ -57,15 +58,16 @@ def held_out_loss(eval_fn: Callable, params: Any, frozen: Any, data: DataConfig,
                   tokenizer: Tokenizer, sharding: NamedSharding, *,
                   max_batches: int | None = None) -> HeldOutLoss:
     """``eval_fn`` (:func:`make_eval_fn`) over ``data``'s batches (all, or ``max_batches``),
-    each host feeding its own rows of every global batch."""
+    each host feeding its own rows of every global batch; all hosts stop at the same batch."""
     it = make_pipeline(data, tokenizer, process_index=jax.process_index(),
                        process_count=jax.process_count())
     nll = tokens = 0.0
     batches = 0
+    agreed = data.prepared is not None  # global batches: every host ends together
     while max_batches is None or batches < max_batches:
-        try:
-            local = next(it)
-        except StopIteration:
+        local = next(it, None)
+        more = local is not None
+        if not (more if agreed else all_processes_agree(more)):  # no host left waiting
             break
         s, n = eval_fn(params, frozen, make_global_batch(local, sharding))
         nll, tokens, batches = nll + float(s), tokens + float(n), batches + 1
