@@ -279,6 +279,32 @@ def test_lora_on_random_preset_backbone(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "tokenizer.json").is_file()
 
 
+def test_chat_trained_base_backbone_exports_its_template_and_end_of_turn(tmp_path):
+    """A base backbone (no chat template, no eot among its stops) trained on conversations:
+    the export renders the training format and stops at its end of turn, for transformers."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from basque_jax.data.chat import ChatEncoder
+    from basque_jax.data.tokenizer import load_tokenizer
+
+    base = make_tiny_hf(tmp_path / "base")  # demo tokenizer files, no chat template
+    cfg = _cfg(tmp_path / "run", "model.preset=null", f"model.init_from={base}", *LORA,
+               f"data.tokenizer={base}", "data.system_prompt=Euskaraz erantzun.",
+               "data.chat_date=1 Dec 2026",
+               'data.sources=[{kind: chat, path: "@embedded/eu_sample_chat.jsonl"}]')
+    run_training(cfg)
+    export(tmp_path / "run", tmp_path / "out", dtype="float32")
+    tok = load_tokenizer(base)
+    eot = tok.token_id("<|eot_id|>")
+    assert eot in GenerationConfig.from_pretrained(tmp_path / "out").eos_token_id
+    hf = AutoTokenizer.from_pretrained(tmp_path / "out")
+    encoder = ChatEncoder(tok, date_string="1 Dec 2026", system_prompt="Euskaraz erantzun.")
+    chat = [("user", "Kaixo, zer moduz?"), ("assistant", "Ondo, eskerrik asko.")]
+    ids = hf.apply_chat_template([{"role": r, "content": c} for r, c in chat], tokenize=True,
+                                 return_dict=False)
+    assert list(ids) == encoder.encode_chat(chat)[0]
+
+
 # ------------------------------------------------------------------ generation config
 def test_generation_config_for_instruct_and_base(hf_checkpoint, tmp_path):
     from transformers import GenerationConfig

@@ -187,3 +187,14 @@ def test_plan_decode_memory_is_the_samplers_program():
         ran.argument_size_in_bytes, ran.output_size_in_bytes, ran.alias_size_in_bytes,
         ran.temp_size_in_bytes)
     assert planned.arguments > 2 * 2 * 8 * 64 * 2 * 16 * 4  # K and V of every layer, f32
+
+
+@pytest.mark.parametrize(("kind", "peak"), [
+    ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12),
+    ("TPU v5p", 459e12), ("TPU v6 lite", 918e12), ("TPU v6e", 918e12),
+    ("NVIDIA H100 80GB HBM3", 989e12), ("cpu", None)])
+def test_mfu_knows_every_tpu_generation(kind, peak):
+    """MFU is logged on every TPU generation (v5p reports "TPU v5")."""
+    from basque_jax.topology import peak_flops
+
+    assert peak_flops(kind) == peak
