@@ -33,7 +33,6 @@ import collections
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import jax
@@ -42,7 +41,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from basque_jax.errors import ConfigError, UserError
+from basque_jax.errors import UserError
 from basque_jax.model.decode import (
     CACHE_K_AXES,
     CACHE_V_AXES,
@@ -54,6 +53,14 @@ from basque_jax.model.decode import (
 )
 from basque_jax.model.llama import Llama
 from basque_jax.model.lora import has_lora
+from basque_jax.sample.requests import (
+    Completion,
+    PromptTooLong,
+    Request,
+    SamplerConfig,
+    completion_of,
+    bucket,
+)
 from basque_jax.sample.sampling import (
     RowParams,
     SamplingParams,
@@ -70,50 +77,6 @@ from basque_jax.sharding import (
     use_sharding,
 )
 
-MIN_BUCKET = 16
-
-
-@dataclass(frozen=True)
-class SamplerConfig:
-    """The ``sampler:`` section: row slots (rounded up to a multiple of the batch-sharding
-    mesh axes), cache length (every request needs ``len(prompt) + max_new_tokens <= max_len``),
-    decode steps between refills while requests wait, the most stop ids per request, the KV
-    cache dtype (default: the model's compute dtype) and per-layer weight copies (``unstack``,
-    default: on CPU, where they are fastest)."""
-
-    batch_size: int = 32
-    max_len: int = 4096
-    chunk_steps: int = 32
-    max_stop_ids: int = 8
-    cache_dtype: str | None = None
-    unstack: bool | None = None
-
-    def __post_init__(self) -> None:
-        for key in ("batch_size", "chunk_steps", "max_stop_ids"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"sampler.{key}: must be >= 1, got {getattr(self, key)}")
-        if self.max_len < 2:
-            raise ConfigError(f"sampler.max_len: must be >= 2, got {self.max_len}")
-
-
-class Request(NamedTuple):
-    """One prompt to complete: token ids, how to sample, the seed of its key, a caller tag."""
-
-    prompt: Sequence[int]
-    params: SamplingParams
-    seed: int = 0
-    tag: Any = None
-
-
-@dataclass(frozen=True)
-class Completion:
-    """Generated ids (the stop id removed unless ``include_stop``), why the row ended
-    (``"stop"`` or ``"length"``) and the stop id that ended it."""
-
-    tokens: list[int]
-    finish_reason: str
-    stop_id: int | None = None
-
 
 class DecodeState(NamedTuple):
     """Everything the compiled programs carry, ``[batch, ...]`` per row besides the cache."""
@@ -127,15 +90,6 @@ class DecodeState(NamedTuple):
     params: RowParams
     max_new: jax.Array
     stops: jax.Array  # [batch, max_stop_ids], -1 padded
-
-
-class PromptTooLong(UserError):
-    """A prompt plus its token budget does not fit the cache."""
-
-
-def bucket(n: int, cap: int) -> int:
-    """The padded length for an ``n``-token prompt: a power of two >= ``MIN_BUCKET``, <= cap."""
-    return min(cap, max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length()))
 
 
 class Sampler:
@@ -263,7 +217,7 @@ class Sampler:
                         slots[slot] = None
                         if watch is not None:
                             watch(req, tokens.tolist())
-                        yield req, _completion(tokens, req.params)
+                        yield req, completion_of(tokens, req.params)
                 if stopped.any():
                     state = self._finish(state, jnp.asarray(stopped))
 
@@ -450,12 +404,3 @@ class Sampler:
             return i + 1, s._replace(cache=cache, last=last, done=done, n_out=n_out, out=out)
 
         return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
-
-
-def _completion(ids: np.ndarray, params: SamplingParams) -> Completion:
-    tokens = [int(t) for t in ids]
-    if tokens and tokens[-1] in params.stop_ids:
-        stop = tokens[-1]
-        return Completion(tokens if params.include_stop else tokens[:-1], "stop", stop)
-    return Completion(tokens, "length")
-

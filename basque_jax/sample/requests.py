@@ -1,0 +1,74 @@
+"""What goes in and out of the :class:`~basque_jax.sample.sampler.Sampler`: its config, a
+request, a completion, and the prompt-length buckets it compiles for."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from basque_jax.errors import ConfigError, UserError
+from basque_jax.sample.sampling import SamplingParams
+
+MIN_BUCKET = 16
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """The ``sampler:`` section: row slots (rounded up to a multiple of the batch-sharding
+    mesh axes), cache length (every request needs ``len(prompt) + max_new_tokens <= max_len``),
+    decode steps between refills while requests wait, the most stop ids per request, the KV
+    cache dtype (default: the model's compute dtype) and per-layer weight copies (``unstack``,
+    default: on CPU, where they are fastest)."""
+
+    batch_size: int = 32
+    max_len: int = 4096
+    chunk_steps: int = 32
+    max_stop_ids: int = 8
+    cache_dtype: str | None = None
+    unstack: bool | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "chunk_steps", "max_stop_ids"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"sampler.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.max_len < 2:
+            raise ConfigError(f"sampler.max_len: must be >= 2, got {self.max_len}")
+
+
+class Request(NamedTuple):
+    """One prompt to complete: token ids, how to sample, the seed of its key, a caller tag."""
+
+    prompt: Sequence[int]
+    params: SamplingParams
+    seed: int = 0
+    tag: Any = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """Generated ids (the stop id removed unless ``include_stop``), why the row ended
+    (``"stop"`` or ``"length"``) and the stop id that ended it."""
+
+    tokens: list[int]
+    finish_reason: str
+    stop_id: int | None = None
+
+
+class PromptTooLong(UserError):
+    """A prompt plus its token budget does not fit the cache."""
+
+
+def bucket(n: int, cap: int) -> int:
+    """The padded length for an ``n``-token prompt: a power of two >= ``MIN_BUCKET``, <= cap."""
+    return min(cap, max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length()))
+
+
+def completion_of(ids: np.ndarray, params: SamplingParams) -> Completion:
+    tokens = [int(t) for t in ids]
+    if tokens and tokens[-1] in params.stop_ids:
+        stop = tokens[-1]
+        return Completion(tokens if params.include_stop else tokens[:-1], "stop", stop)
+    return Completion(tokens, "length")
