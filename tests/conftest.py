@@ -50,6 +50,23 @@ HF_CASES: dict[str, dict] = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+    """One persistent XLA compilation cache per test session, shared by the xdist workers and
+    the ``basque-jax`` subprocesses the tests start (they inherit the environment): the tiny
+    programs many tests compile are compiled once."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    cache = root / "jax_compilation_cache"
+    cache.mkdir(exist_ok=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(cache)
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    jax.config.update("jax_compilation_cache_dir", str(cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    return cache
+
+
 def make_hf_model(case: str, seed: int = 0):
     """A transformers LlamaForCausalLM with random weights large enough to give O(1) logits."""
     import torch

@@ -41,8 +41,6 @@ def stand_ins(tmp_path_factory):
     chats = root / "conversations.jsonl"
     rows = [json.loads(x)["messages"] for x in CHAT.read_text().splitlines()[:60]]
     chats.write_text("".join(json.dumps({"conversations": m}) + "\n" for m in rows))
-    jax.config.update("jax_compilation_cache_dir", str(root / "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     return backbone, chats
 
 

@@ -51,7 +51,7 @@ def _final_params(out_dir: Path) -> dict[str, np.ndarray]:
     ("override", "message"),
     [
         ("train.stepz=3", r"train\.stepz: unknown key"),
-        ("train.steps=ten", r"train\.steps: expected int, got str 'ten'"),
+        ("train.steps=ten", r"train\.steps: expected int or null, got str 'ten'"),
         ("train.steps=0", r"train\.steps: must be >= 1"),
         ("optim.lr=-1", r"optim\.lr: must be > 0"),
         ("optim.warmup_ratio=1.5", r"optim\.warmup_ratio: must be in \[0, 1\)"),

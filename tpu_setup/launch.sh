@@ -32,7 +32,8 @@ done
 
 RUN="$REMOTE_HOME_DIR/run"
 TRAIN="$(quote_args env "${ENVS[@]}" "$REMOTE_HOME_DIR/venv/bin/basque-jax" train "${ARGS[@]}")"
-JOB="$TRAIN; code=\$?; echo \$code > $RUN/EXIT; if [ \$code = 0 ]; then touch $RUN/DONE; fi"
+# EXIT is written last: whoever sees it also sees DONE
+JOB="$TRAIN; code=\$?; if [ \$code = 0 ]; then touch $RUN/DONE; fi; echo \$code > $RUN/EXIT"
 if [[ "$RESTART" == 1 ]]; then
   STOP="if [ -f $RUN/train.pid ]; then kill \$(cat $RUN/train.pid) 2>/dev/null || true; sleep 5; fi"
 else

@@ -58,8 +58,8 @@ from basque_jax.sample.requests import (
     PromptTooLong,
     Request,
     SamplerConfig,
-    completion_of,
     bucket,
+    completion_of,
 )
 from basque_jax.sample.sampling import (
     RowParams,
