@@ -32,8 +32,12 @@ CHIPS: dict[str, Chip] = {
     "v6e": Chip("v6e", 32 * GiB, 918e12, 1, 2, "v2-alpha-tpuv6e"),
 }
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "v5": "v5p"}
-# Dense bf16 peak FLOP/s of the GPUs people run the framework on (NVIDIA's data sheets, SXM).
-GPU_PEAK_BF16 = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "b200": 2250e12}
+# Dense bf16 peak FLOP/s and HBM bandwidth (bytes/s) of the GPUs people run the framework on
+# (NVIDIA's data sheets; SXM unless named). The first key found in the device kind counts.
+GPU_PEAK_BF16 = {"h100 pcie": 756e12, "h100 nvl": 835e12, "h100": 989e12, "h200": 989e12,
+                 "a100": 312e12, "b200": 2250e12}
+GPU_HBM_BANDWIDTH = {"h100 pcie": 2.0e12, "h100 nvl": 3.9e12, "h100": 3.35e12, "h200": 4.8e12,
+                     "a100-sxm4-40gb": 1.555e12, "a100": 2.039e12, "b200": 8.0e12}
 
 # Default physical shapes by chip count (what `gcloud ... --accelerator-type` slices use).
 SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8),
@@ -65,6 +69,12 @@ def peak_flops(device_kind: str) -> float | None:
         return chip.peak_bf16_flops
     k = device_kind.lower()
     return next((v for key, v in GPU_PEAK_BF16.items() if key in k), None)
+
+
+def hbm_bandwidth(device_kind: str) -> float | None:
+    """HBM bandwidth (bytes/s) of one GPU of this kind (None for others), for rooflines."""
+    k = device_kind.lower()
+    return next((v for key, v in GPU_HBM_BANDWIDTH.items() if key in k), None)
 
 
 def peak_flops_per_device() -> float | None:

@@ -1,4 +1,5 @@
-"""New tokens/s of our compiled KV-cache sampler vs. transformers' ``generate`` (torch, CPU).
+"""New tokens/s of our compiled KV-cache sampler vs. transformers' ``generate`` (torch, CPU)
+and vs. Tunix's sampler (a JAX peer in its own ``.venv-tunix``).
 
 Same weights (the ``bench`` preset: hidden 512, 4 layers, 8 heads / 2 KV heads, vocab 32000,
 random init, float32 on both sides), same prompts (64 random tokens), 128 new tokens, greedy,
@@ -8,6 +9,11 @@ then ``--repeats`` timed runs alternate between the two sides and the best of ea
 runs with its default thread count and with one thread (its best counts: on a loaded machine
 its OpenMP threads can stall badly). Prints one JSON line per batch size (with the 1-minute
 load average) and a summary line with the ratios.
+
+Tunix (``tunix.generate.sampler.Sampler``: static batch, KV cache, greedy; its Llama 3 model at
+this shape, float32, random weights) runs in a long-lived subprocess (``tunix_peer.py``) that
+takes its turn in each repeat, when ``bash benchmarks/tunix_venv.sh`` has created its
+environment; the rows say why otherwise (``tunix_unavailable``).
 
 ``matmul_floor_tok_s`` is a bound, measured in the same run: a compiled loop of 128 steps
 doing only the model's per-token matmuls (embedding gather, fused q/k/v, o, fused gate/up,
@@ -44,9 +50,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--preset", default="bench")
+    p.add_argument("--preset", default="bench",
+                   help="model shape, random weights (bench; smollm2-135m: SmolLM2-135M's)")
     p.add_argument("--xla-dot", choices=tuple(DOT_FLAGS), default="ynn")
     p.add_argument("--skip-hf", action="store_true", help="only time our sampler")
+    p.add_argument("--skip-tunix", action="store_true", help="leave the Tunix peer out")
     return p.parse_args(argv)
 
 
@@ -91,7 +99,7 @@ def matmul_floor(config, b: int, steps: int, repeats: int) -> float:
     return b * steps / best
 
 
-def bench_batch(model, hf, b: int, args) -> dict[str, Any]:
+def bench_batch(model, hf, peer, b: int, args) -> dict[str, Any]:
     """One batch size: warm both sides up, then alternate timed runs; best of each."""
     import numpy as np
     import torch
@@ -117,11 +125,15 @@ def bench_batch(model, hf, b: int, args) -> dict[str, Any]:
     first_s, ours_out = timed(ours)  # compiles
     if hf is not None:
         theirs()  # warm-up
-    ours_s = hf_s = float("inf")
-    hf_out, hf_threads = None, None
+    ours_s = hf_s = tunix_s = float("inf")
+    hf_out, hf_threads, tunix_error = None, None, None
     default_threads = torch.get_num_threads()
     for _ in range(args.repeats):
         ours_s = min(ours_s, timed(ours)[0])
+        if not isinstance(peer, str) and tunix_error is None:
+            r = peer.request("decode", batch=b, prompt_len=plen, new_tokens=n_new)
+            tunix_error = r.get("error")
+            tunix_s = min(tunix_s, r.get("seconds", float("inf")))
         for threads in (default_threads, 1) if hf is not None else ():
             torch.set_num_threads(threads)  # the baseline's best setting counts
             t, hf_out = timed(theirs)
@@ -135,6 +147,11 @@ def bench_batch(model, hf, b: int, args) -> dict[str, Any]:
     floor = matmul_floor(model.config, b, n_new, args.repeats)
     row |= {"matmul_floor_tok_s": round(floor, 1), "ours_of_floor": round(b * n_new / ours_s
                                                                            / floor, 2)}
+    if isinstance(peer, str) or tunix_error:
+        row["tunix_unavailable"] = tunix_error or peer
+    else:
+        row |= {"tunix_tok_s": round(b * n_new / tunix_s, 1),
+                "speedup_vs_tunix": round(tunix_s / ours_s, 2)}
     if hf is not None:
         gen = hf_out[:, plen:].numpy()
         assert gen.shape == (b, n_new), gen.shape
@@ -169,9 +186,14 @@ def main(argv=None) -> int:
             hf = LlamaForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
         hf.generation_config.eos_token_id = None
         hf.generation_config.pad_token_id = 0
+    from tunix_client import open_peer
+
+    peer = open_peer(model.config) if not args.skip_tunix else "--skip-tunix"
+    if isinstance(peer, str):
+        print(f"Tunix peer not run: {peer}", file=sys.stderr, flush=True)
     rows = []
     for b in [int(x) for x in args.batches.split(",")]:
-        row = bench_batch(model, hf, b, args)
+        row = bench_batch(model, hf, peer, b, args)
         row |= {"preset": args.preset, "dtype": "float32", "xla_dot": args.xla_dot,
                 "jax_backend": jax.default_backend(), "cpus": os.cpu_count(),
                 "load_avg_1m": round(os.getloadavg()[0], 2)}
@@ -185,7 +207,12 @@ def main(argv=None) -> int:
             "hf_generate_tok_s": {r["batch"]: r["hf_generate_tok_s"] for r in rows},
             "speedup_by_batch": {r["batch"]: r["speedup"] for r in rows},
             "matmul_floor_over_hf": {r["batch"]: r["floor_over_hf"] for r in rows},
-            "min_speedup": min(r["speedup"] for r in rows)}), flush=True)
+            "min_speedup": min(r["speedup"] for r in rows),
+            "tunix_tok_s": {r["batch"]: r.get("tunix_tok_s") for r in rows},
+            "speedup_vs_tunix": {r["batch"]: r.get("speedup_vs_tunix") for r in rows},
+            "tunix": peer.versions if not isinstance(peer, str) else None}), flush=True)
+    if not isinstance(peer, str):
+        peer.close()
     return 0
 
 

@@ -1,13 +1,18 @@
-"""LoRA training tokens/s: our jitted step vs Hugging Face transformers + PEFT (torch, CPU).
+"""LoRA training tokens/s: our jitted step vs Hugging Face transformers + PEFT (torch, CPU)
+and vs Tunix (a JAX peer: google-tunix with qwix LoRA, in its own ``.venv-tunix``).
 
 Same Llama config, LoRA targets/rank, batch, sequence length and optimizer (AdamW) on both
 sides; each side's achieved FLOP/s (analytic LoRA training FLOPs, ``train/flops.py``) is shown
 as a fraction of this machine's fp32 matmul peak, measured in the same run (best of torch and
-XLA on a large square matmul). The two sides alternate ``--repeats`` times (same machine load)
-and the best of each counts. Our layers run unrolled (``model.scan_unroll: true``, as the
-transformers model runs them) unless ``--scan-unroll 1``. Prints one JSON line.
+XLA on a large square matmul). The sides alternate ``--repeats`` times (same machine load)
+and the best of each counts. Tunix runs in a long-lived subprocess (``tunix_peer.py``, started
+once so its compiled step stays warm) when ``bash benchmarks/tunix_venv.sh`` has created its
+environment; otherwise the output says why it is missing (``tunix_unavailable``). Our layers
+run unrolled (``model.scan_unroll: true``, as the transformers model runs them) unless
+``--scan-unroll 1``. Prints one JSON line.
 
-    python benchmarks/train_step.py [--steps 6 --batch 4 --seq-len 512 --rank 16]
+    python benchmarks/train_step.py [--preset bench|smollm2-135m --steps 6 --batch 4
+                                     --seq-len 512 --rank 16 --skip-tunix]
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -46,16 +52,15 @@ def _time(fn) -> float:
     return time.perf_counter() - t0
 
 
-def ours(args, batch_np) -> float:
-    """Seconds per step of our LoRA train step (compile excluded)."""
+def our_setup(args):
+    """Our LoRA training setup for the benchmark's shape (``basque_jax.train.setup``)."""
     import jax
 
     from basque_jax.config import RunConfig
-    from basque_jax.sharding import use_sharding
     from basque_jax.train.setup import setup_training
 
     cfg = RunConfig.from_dict({
-        "model": {"preset": "bench", "attention": "xla", "remat": args.remat,
+        "model": {"preset": args.preset, "attention": "xla", "remat": args.remat,
                   "scan_unroll": True if args.scan_unroll == "true" else int(args.scan_unroll)},
         "lora": {"enabled": True, "rank": args.rank, "alpha": 2.0 * args.rank,
                  "targets": TARGETS},
@@ -65,7 +70,16 @@ def ours(args, batch_np) -> float:
         "optim": {"lr": 1e-4, "weight_decay": 0.0, "clip_norm": None, "warmup_ratio": 0.0},
         "train": {"steps": 1000, "loss_chunk": args.loss_chunk},
     })
-    setup = setup_training(cfg, devices=jax.devices()[:1])
+    return setup_training(cfg, devices=jax.devices()[:1])
+
+
+def ours(args, batch_np) -> float:
+    """Seconds per step of our LoRA train step (compile excluded)."""
+    import jax
+
+    from basque_jax.sharding import use_sharding
+
+    setup = our_setup(args)
     state = setup.state
     with use_sharding(setup.mesh, setup.rules):
         batch = setup.global_batch(batch_np)
@@ -81,13 +95,25 @@ def ours(args, batch_np) -> float:
 
 def hf_peft(args, batch_np) -> float:
     """Seconds per step of transformers + PEFT with torch AdamW (warm-up excluded)."""
+    step = hf_peft_step(args, batch_np)
+    for _ in range(2):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    return (time.perf_counter() - t0) / args.steps
+
+
+def hf_peft_step(args, batch_np):
+    """One transformers + PEFT training step (forward, float32 cross-entropy, backward,
+    AdamW) as a callable."""
     import peft
     import torch
     import transformers
 
     from basque_jax.model.config import LlamaConfig
 
-    ours_cfg = LlamaConfig.preset("bench")
+    ours_cfg = LlamaConfig.preset(args.preset)
     hf_cfg = transformers.LlamaConfig(**{k: v for k, v in ours_cfg.to_hf_dict().items()
                                          if k not in ("architectures", "torch_dtype")})
     torch.manual_seed(0)
@@ -108,16 +134,13 @@ def hf_peft(args, batch_np) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(2):
-        step()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    return (time.perf_counter() - t0) / args.steps
+    return step
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="bench", choices=("bench", "smollm2-135m"),
+                        help="model shape (random weights): the benchmark shape or SmolLM2-135M")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -126,9 +149,24 @@ def main() -> None:
     parser.add_argument("--scan-unroll", default="true", help="layers per loop iteration, "
                         "or true (no loop)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--skip-tunix", action="store_true", help="leave the Tunix peer out")
     parser.add_argument("--loss-chunk", type=int, default=0,
                         help="sequence chunk of the output projection + loss (0: whole)")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def make_batch(args, vocab: int) -> dict[str, np.ndarray]:
+    """Random tokens, one document per row, in the batch contract."""
+    ids = np.random.default_rng(0).integers(0, vocab, size=(args.batch, args.seq_len + 1))
+    ids = ids.astype(np.int32)
+    return {"input_ids": ids[:, :-1], "targets": ids[:, 1:],
+            "loss_mask": np.ones((args.batch, args.seq_len), np.float32),
+            "positions": np.tile(np.arange(args.seq_len, dtype=np.int32), (args.batch, 1)),
+            "segment_ids": np.ones((args.batch, args.seq_len), np.int32)}
+
+
+def main() -> None:
+    args = parse_args()
 
     import torch
 
@@ -136,26 +174,34 @@ def main() -> None:
     from basque_jax.model.config import LlamaConfig
     from basque_jax.train.flops import train_flops_per_token
 
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, 32000, size=(args.batch, args.seq_len + 1)).astype(np.int32)
-    batch = {
-        "input_ids": ids[:, :-1], "targets": ids[:, 1:],
-        "loss_mask": np.ones((args.batch, args.seq_len), np.float32),
-        "positions": np.tile(np.arange(args.seq_len, dtype=np.int32), (args.batch, 1)),
-        "segment_ids": np.ones((args.batch, args.seq_len), np.int32),
-    }
+    shape = LlamaConfig.preset(args.preset)
+    batch = make_batch(args, shape.vocab_size)
     tokens = args.batch * args.seq_len
     flops_per_step = tokens * train_flops_per_token(
-        LlamaConfig.preset("bench"), args.seq_len, lora_rank=args.rank, lora_targets=TARGETS)
+        shape, args.seq_len, lora_rank=args.rank, lora_targets=TARGETS)
     peak = matmul_peak()
     machine_peak = max(peak.values())
-    t_ours = t_hf = float("inf")
+    from tunix_client import open_peer
+
+    peer = open_peer(shape) if not args.skip_tunix else "--skip-tunix"
+    if isinstance(peer, str):
+        print(f"Tunix peer not run: {peer}", file=sys.stderr, flush=True)
+    t_ours = t_hf = t_tunix = float("inf")
+    tunix_error = None
     for _ in range(args.repeats):
         t_ours = min(t_ours, ours(args, batch))
         t_hf = min(t_hf, hf_peft(args, batch))
+        if not isinstance(peer, str) and tunix_error is None:
+            r = peer.request("train", batch=args.batch, seq_len=args.seq_len, rank=args.rank,
+                             steps=args.steps)
+            tunix_error = r.get("error")
+            t_tunix = min(t_tunix, r.get("seconds_per_step", float("inf")))
     result = {
         "benchmark": "lora_train_step",
-        "shape": {"hidden": 512, "layers": 4, "heads": 8, "kv_heads": 2, "vocab": 32000,
+        "shape": {"preset": args.preset, "hidden": shape.hidden_size,
+                  "layers": shape.num_hidden_layers, "heads": shape.num_attention_heads,
+                  "kv_heads": shape.num_key_value_heads, "vocab": shape.vocab_size,
+                  "tied": shape.tie_word_embeddings,
                   "seq_len": args.seq_len, "batch": args.batch, "rank": args.rank,
                   "targets": len(TARGETS), "remat": args.remat, "loss_chunk": args.loss_chunk,
                   "scan_unroll": args.scan_unroll},
@@ -166,7 +212,19 @@ def main() -> None:
         "hf_peft_fraction_of_peak": round(flops_per_step / t_hf / machine_peak, 3),
         "matmul_peak_gflops": {k: round(v / 1e9, 1) for k, v in peak.items()},
         "cpu_count": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
     }
+    if isinstance(peer, str) or tunix_error:
+        result["tunix_unavailable"] = tunix_error or peer
+    else:
+        result |= {
+            "tunix_tokens_per_s": round(tokens / t_tunix, 1),
+            "speedup_vs_tunix": round(t_tunix / t_ours, 3),
+            "tunix_fraction_of_peak": round(flops_per_step / t_tunix / machine_peak, 3),
+            "tunix": peer.versions | {"dtype": "float32", "loss": "Tunix default (one-hot, "
+                                      "seq_len - 1 targets)"}}
+    if not isinstance(peer, str):
+        peer.close()
     print(json.dumps(result))
 
 

@@ -60,15 +60,32 @@ def attention(
     if impl in ("splash", "splash_interpret"):
         return splash_attention(q, k, v, mask, interpret=impl == "splash_interpret")
     if impl in ("dot_product", "cudnn"):
-        groups = q.shape[2] // k.shape[2]
-        k_rep = jnp.repeat(k, groups, axis=2) if impl == "dot_product" else k
-        v_rep = jnp.repeat(v, groups, axis=2) if impl == "dot_product" else v
-        return jax.nn.dot_product_attention(
-            q, k_rep, v_rep, mask=mask.dense()[:, None], implementation=(
-                "cudnn" if impl == "cudnn" else "xla"
-            ),
-        )
+        return nn_attention(q, k, v, mask, backend="cudnn" if impl == "cudnn" else "xla")
     return xla_attention(q, k, v, mask, query_blocks=causal_query_blocks(q.shape[1]))
+
+
+def one_document_rows(mask: AttentionMask) -> jax.Array:
+    """True iff every row's queries and keys carry one and the same non-zero segment id (no
+    packing, no padding): the mask is then plain causal attention."""
+    seg = mask.q_segments
+    return jnp.all((seg == seg[:, :1]) & (seg != 0) & (mask.kv_segments == seg))
+
+
+def nn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *,
+                 backend: str) -> jax.Array:
+    """:func:`jax.nn.dot_product_attention` (``backend`` ``cudnn``: cuDNN flash attention;
+    ``xla``: its XLA reference, with K/V heads repeated). Chosen at run time: a batch of
+    :func:`one_document_rows` runs with ``is_causal`` and no mask (cuDNN's causal kernel skips
+    the blocks above the diagonal and reads no bias); packed or padded rows pass the dense
+    ``[b, 1, q, k]`` mask (which cuDNN turns into a bias and differentiates, over every block).
+    Same slot assumption as :func:`attention`."""
+    if backend == "xla":
+        groups = q.shape[2] // k.shape[2]
+        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    dpa = functools.partial(jax.nn.dot_product_attention, implementation=backend)
+    return jax.lax.cond(one_document_rows(mask),
+                        lambda q, k, v: dpa(q, k, v, is_causal=True),
+                        lambda q, k, v: dpa(q, k, v, mask=mask.dense()[:, None]), q, k, v)
 
 
 def causal_query_blocks(length: int, min_block: int = 128, max_blocks: int = 4) -> int:

@@ -325,4 +325,11 @@ PRESETS: dict[str, LlamaConfig] = {
         num_attention_heads=8, num_key_value_heads=2, rope_scaling=_LLAMA31_ROPE,
         max_position_embeddings=8192, bos_token_id=None, eos_token_id=None,
     ),
+    # SmolLM2-135M's shape (the real model of the tests), for the benchmarks' random weights.
+    "smollm2-135m": LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0,
+        max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=None,
+        eos_token_id=None,
+    ),
 }
