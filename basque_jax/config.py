@@ -9,7 +9,8 @@ keys, wrong types and impossible values. Sections defined next to their code:
 (:class:`~basque_jax.model.lora.LoraConfig`), ``mesh``
 (:class:`~basque_jax.sharding.MeshConfig`), ``optim``
 (:class:`~basque_jax.train.optim.OptimConfig`), ``sample``
-(:class:`~basque_jax.sample.attached.TrainingSamplesConfig`).
+(:class:`~basque_jax.sample.attached.TrainingSamplesConfig`), ``eval_tasks``
+(:class:`~basque_jax.eval.live.EvalTasksConfig`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 from basque_jax.data.config import DataConfig
 from basque_jax.errors import ConfigError
+from basque_jax.eval.live import EvalTasksConfig
 from basque_jax.model.config import DTYPES
 from basque_jax.model.llama import REMAT_POLICIES
 from basque_jax.model.lora import LoraConfig
@@ -179,6 +181,7 @@ class RunConfig:
     eval_data: DataConfig | None = None
     plan: PlanConfig = field(default_factory=PlanConfig)
     sample: TrainingSamplesConfig = field(default_factory=TrainingSamplesConfig)
+    eval_tasks: EvalTasksConfig = field(default_factory=EvalTasksConfig)
 
     def __post_init__(self) -> None:
         m = self.model

@@ -246,7 +246,7 @@ class LoadedModel:
 
     tokenizer: what :func:`basque_jax.data.tokenizer.load_tokenizer` takes (None: unknown).
     data / eval_data: a training run's data sections (tokenizer, chat template and dates,
-    held-out sources). step: the checkpoint step of a run.
+    held-out sources). step: the checkpoint step of a run. run: a training run's config.
     """
 
     model: Llama
@@ -257,6 +257,7 @@ class LoadedModel:
     data: DataConfig | None = None
     eval_data: DataConfig | None = None
     step: int | None = None
+    run: RunConfig | None = None
 
     def load_tokenizer(self, override: str | None = None):
         """The tokenizer (``override`` first), checked against the model's vocabulary."""
@@ -306,7 +307,7 @@ def load_model(source: str | Path | ModelConfig, *, step: int | None = None,
         cfg = src.config
         model = restore_run(src, mesh_obj, rules, dtype=dtype)
         return _loaded(model, mesh_obj, rules, src.name, tokenizer=cfg.data.tokenizer,
-                       data=cfg.data, eval_data=cfg.eval_data, step=src.step,
+                       data=cfg.data, eval_data=cfg.eval_data, step=src.step, run=cfg,
                        merge=merge_lora)
 
 
@@ -329,7 +330,7 @@ def _from_run_config(cfg: RunConfig, name: str, step: int | None, mesh: MeshConf
         else:
             model = initial_model(cfg, mesh_obj, rules)
     return _loaded(model, mesh_obj, rules, name, tokenizer=cfg.data.tokenizer, data=cfg.data,
-                   eval_data=cfg.eval_data, step=step, merge=merge)
+                   eval_data=cfg.eval_data, step=step, run=cfg, merge=merge)
 
 
 def _from_model_config(spec: ModelConfig, mesh: MeshConfig, devices: list | None

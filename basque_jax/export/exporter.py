@@ -29,17 +29,15 @@ from typing import Literal
 import jax
 import numpy as np
 
-from basque_jax.data.config import DataConfig
 from basque_jax.export.files import (
     ExportError,
+    ModelFiles,
     check_out_dir,
-    copy_tokenizer,
+    folder_files,
+    run_files,
     staged_dir,
-    write_chat_template,
-    write_generation_config,
 )
 from basque_jax.export.source import CheckpointArrays
-from basque_jax.model.config import LlamaConfig
 from basque_jax.model.gguf import model_path
 from basque_jax.model.hf import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -99,13 +97,9 @@ def _cast_fetch(base: Fetch, *dtypes: str | None) -> Fetch:
 
 @dataclass
 class _Plan:
-    config: LlamaConfig
+    files: ModelFiles  # config, backbone, tokenizer and chat template of the export
     fetch: Fetch
-    backbone: Path | None  # HF folder with generation config / tokenizer files
-    name: str  # backbone name (Instruct detection)
     collective: bool = False  # every process must run fetch in lockstep
-    tokenizer: str | None = None
-    data: DataConfig | None = None  # what a run trained on (its chat template)
 
 
 def _backbone_fetch(src: RunSource) -> tuple[Fetch, bool]:
@@ -133,52 +127,18 @@ def _backbone_fetch(src: RunSource) -> tuple[Fetch, bool]:
 def _merged_plan(src: HFSource | RunSource) -> _Plan:
     if isinstance(src, HFSource):
         config, fetch = folder_fetch(src.folder)
-        return _Plan(config, fetch, src.folder, _backbone_name(src.folder))
-    cfg, lora = src.config, src.lora
-    backbone = model_path(cfg.model.init_from) if cfg.model.init_from else None
-    name = _backbone_name(backbone) if backbone is not None else cfg.model.preset or ""
+        return _Plan(folder_files(src.folder, config), fetch)
+    files, lora = run_files(src.config, src.model_config), src.lora
     if lora is None:  # full fine-tuning: every parameter is in the checkpoint
         arrays = CheckpointArrays(src)
 
         def fetch(e: TensorEntry, layer: int | None) -> np.ndarray:
             return arrays.read(arrays.param_name(e.path), () if layer is None else (layer,))
 
-        return _Plan(src.model_config, fetch, backbone, name, tokenizer=cfg.data.tokenizer,
-                     data=cfg.data)
+        return _Plan(files, fetch)
     adapters = CheckpointArrays(src).adapters(lora)
     base, collective = _backbone_fetch(src)
-    return _Plan(src.model_config, merge_fetch(base, adapters, lora.scale), backbone, name,
-                 collective, cfg.data.tokenizer, cfg.data)
-
-
-def _chat_training(plan: _Plan, folder: Path) -> tuple[str | None, tuple[int, ...]]:
-    """For a run that trained on conversations: the chat template to ship (None when the
-    backbone's tokenizer already renders the same format) and its end-of-turn ids."""
-    data = plan.data
-    chat = data is not None and any(s.kind in ("chat", "instruction") for s in data.sources)
-    if not chat or not (folder / "tokenizer.json").is_file():
-        return None, ()
-    from basque_jax.data.chat import DEFAULT_DATE
-    from basque_jax.data.templates import make_chat_encoder, shipped_template
-    from basque_jax.data.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(folder)
-    encoder = make_chat_encoder(tokenizer, data.chat_template, date_string=data.chat_date,
-                                system_prompt=data.system_prompt)
-    own = bool(tokenizer.chat_template) and data.chat_template in ("auto", "llama31") and \
-        data.chat_date == DEFAULT_DATE and not data.system_prompt
-    return (None if own else shipped_template(encoder)), encoder.stop_ids
-
-
-def _backbone_name(folder: Path) -> str:
-    """The folder's name and its config's ``_name_or_path`` (for Instruct detection)."""
-    import json
-
-    try:
-        name_or_path = json.loads((folder / "config.json").read_text()).get("_name_or_path")
-    except (OSError, ValueError, AttributeError):
-        name_or_path = None
-    return " ".join(filter(None, [folder.name, name_or_path]))
+    return _Plan(files, merge_fetch(base, adapters, lora.scale), collective)
 
 
 def export(
@@ -232,19 +192,14 @@ def export(
         result.lora = src.meta.get("lora")
     if writer:
         with staged_dir(out) as tmp:
-            files = write_pretrained(plan.config, tmp, plan.fetch, dtype=dtype,
+            files = write_pretrained(plan.files.config, tmp, plan.fetch, dtype=dtype,
                                      max_shard_bytes=max_shard_bytes)
             names = [f.name for f in files] + [p.name for p in tmp.glob("*.json")
                                                if p.name.startswith(("config", "model"))]
-            names += copy_tokenizer(tmp, plan.backbone, plan.tokenizer)
-            template, stops = _chat_training(plan, tmp)
-            if template is not None:
-                names.append(write_chat_template(tmp, template))
-            names.append(write_generation_config(tmp, plan.config, plan.backbone,
-                                                 plan.name, stops).name)
+            names += plan.files.write(tmp)
         result.files = sorted(set(names))
     elif plan.collective:
-        write_pretrained(plan.config, out, plan.fetch, dtype=dtype, write=False)
+        write_pretrained(plan.files.config, out, plan.fetch, dtype=dtype, write=False)
     _sync("merged export")
     return result
 

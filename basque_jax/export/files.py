@@ -6,6 +6,9 @@
 * :func:`generation_config` writes the backbone's ``generation_config.json`` and, for an
   instructed Llama 3.1 backbone, makes sure every turn-ending token stops generation.
 * :func:`copy_tokenizer` copies the backbone's tokenizer files (or saves the run's tokenizer).
+* :class:`ModelFiles` writes all of them for one source (:func:`run_files`,
+  :func:`folder_files`): what an export carries besides the weights, also used by
+  evaluation to tokenize and prompt a training run exactly as its export would be.
 """
 
 from __future__ import annotations
@@ -16,12 +19,17 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from basque_jax.errors import UserError
 from basque_jax.model.config import LlamaConfig
 from basque_jax.yaml_config import read_json_object
+
+if TYPE_CHECKING:
+    from basque_jax.config import RunConfig
+    from basque_jax.data.config import DataConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "chat_template.jinja")
@@ -144,3 +152,72 @@ def copy_tokenizer(folder: Path, backbone: Path | None, fallback: str | None = N
     before = set(os.listdir(folder))
     load_tokenizer(fallback).save(folder)
     return sorted(set(os.listdir(folder)) - before)
+
+
+def chat_training(data: DataConfig | None, folder: Path) -> tuple[str | None, tuple[int, ...]]:
+    """For a run that trained on conversations (``data``), with its tokenizer files in
+    ``folder``: the chat template to ship (None when the tokenizer already renders the same
+    format) and its end-of-turn ids."""
+    chat = data is not None and any(s.kind in ("chat", "instruction") for s in data.sources)
+    if not chat or not (folder / "tokenizer.json").is_file():
+        return None, ()
+    from basque_jax.data.chat import DEFAULT_DATE
+    from basque_jax.data.templates import make_chat_encoder, shipped_template
+    from basque_jax.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(folder)
+    encoder = make_chat_encoder(tokenizer, data.chat_template, date_string=data.chat_date,
+                                system_prompt=data.system_prompt)
+    own = bool(tokenizer.chat_template) and data.chat_template in ("auto", "llama31") and \
+        data.chat_date == DEFAULT_DATE and not data.system_prompt
+    return (None if own else shipped_template(encoder)), encoder.stop_ids
+
+
+def backbone_name(folder: Path) -> str:
+    """The folder's name and its config's ``_name_or_path`` (for Instruct detection)."""
+    try:
+        name_or_path = json.loads((folder / "config.json").read_text()).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        name_or_path = None
+    return " ".join(filter(None, [folder.name, name_or_path]))
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """What a merged export writes besides the weights, for one source.
+
+    config: the model's; backbone: the HF folder whose tokenizer and generation config are
+    copied (None for a random preset); name: the backbone's name (Instruct detection);
+    tokenizer / data: a training run's ``data.tokenizer`` and data section (its chat template).
+    """
+
+    config: LlamaConfig
+    backbone: Path | None
+    name: str
+    tokenizer: str | None = None
+    data: DataConfig | None = None
+
+    def write(self, folder: Path) -> list[str]:
+        """Tokenizer files, the chat template a run trained with, ``generation_config.json``
+        into ``folder``; returns the file names written."""
+        names = copy_tokenizer(folder, self.backbone, self.tokenizer)
+        template, stops = chat_training(self.data, folder)
+        if template is not None:
+            names.append(write_chat_template(folder, template))
+        names.append(write_generation_config(folder, self.config, self.backbone, self.name,
+                                             stops).name)
+        return names
+
+
+def folder_files(folder: Path, config: LlamaConfig) -> ModelFiles:
+    """The files of an export of the Hugging Face folder ``folder``."""
+    return ModelFiles(config, folder, backbone_name(folder))
+
+
+def run_files(cfg: RunConfig, config: LlamaConfig) -> ModelFiles:
+    """The files of an export of a training run with config ``cfg`` and model ``config``."""
+    from basque_jax.model.gguf import model_path
+
+    backbone = model_path(cfg.model.init_from) if cfg.model.init_from else None
+    name = backbone_name(backbone) if backbone is not None else cfg.model.preset or ""
+    return ModelFiles(config, backbone, name, cfg.data.tokenizer, cfg.data)

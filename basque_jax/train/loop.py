@@ -1,8 +1,8 @@
 """The training loop, short enough to read in one sitting.
 
 set-up (mesh, model, optimizer, step: ``train/setup.py``) → data → resume from the latest
-checkpoint (its config checked, ``train/resume.py``) → steps (log, held-out loss, samples, save;
-all hosts stop together when the data ends; a preemption saves and stops,
+checkpoint (its config checked, ``train/resume.py``) → steps (log, held-out loss, samples,
+lm-eval tasks, save; all hosts stop together when the data ends; a preemption saves and stops,
 ``train/preemption.py``) → final save.
 """
 
@@ -103,6 +103,7 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
                                  setup.batch_sharding, max_batches=cfg.train.eval_batches).mean
 
         sampler = _training_sampler(cfg, tokenizer, setup, out_dir)
+        lm_eval = _lm_eval_tasks(cfg, setup, out_dir)
         meta = {"config": cfg.to_dict(), "model_config": setup.model_config.to_hf_dict(),
                 "lora": setup.lora_meta}
         writer = MetricsWriter(out_dir, tensorboard=cfg.train.tensorboard)
@@ -162,6 +163,10 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
                         if bar is not None:
                             bar.set_postfix(loss=f"{host['loss']:.4f}", lr=f"{host['lr']:.2e}")
                     last = host
+                if lm_eval is not None and done % cfg.eval_tasks.every == 0:
+                    scores = _timed(clock, lm_eval, done, state.params, frozen)  # live weights
+                    writer.write(done, scores)
+                    last = {**last, **scores}
                 if save_now:
                     save(done)
                 if done < steps and watch.should_stop(done):
@@ -204,6 +209,16 @@ def _training_sampler(cfg: RunConfig, tokenizer, setup: TrainSetup,
                                                                    setup.frozen),
                            setup.mesh, setup.rules, out_dir, chat_template=d.chat_template,
                            chat_date=d.chat_date, system_prompt=d.system_prompt)
+
+
+def _lm_eval_tasks(cfg: RunConfig, setup: TrainSetup, out_dir: epath.Path):
+    """The run's lm-eval tasks on the live weights (None unless ``eval_tasks.every``)."""
+    if not cfg.eval_tasks.every:
+        return None
+    from basque_jax.eval.live import LiveEvaluator
+
+    return LiveEvaluator(cfg.eval_tasks, setup.graphdef, setup.mesh, setup.rules, cfg,
+                         setup.model_config, out_dir=out_dir)
 
 
 def _progress(cfg: RunConfig, start: int, steps: int):
