@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     from basque_jax.model.gguf import add_convert_parser
     from basque_jax.plan import add_plan_parser
     from basque_jax.sample.cli import add_sample_parsers
+    from basque_jax.serve.cli import add_serve_parser
 
     parser = argparse.ArgumentParser(prog="basque-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,11 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_parser(sub)
     add_sample_parsers(sub)
     add_arena_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 
 # Commands that never join a jax.distributed group.
-LOCAL_COMMANDS = ("demo", "info", "plan", "filter", "convert", "arena", "prepare")
+LOCAL_COMMANDS = ("demo", "info", "plan", "filter", "convert", "arena", "prepare", "serve")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,6 +20,8 @@ import httpx
 import pytest
 from _openai_stub import free_port
 
+from basque_jax.arena.client import call_page, wait_until_up
+
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -28,20 +30,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 MODELS = ["alpha", "beta", "gamma", "delta"]
 TOKEN = "test-admin-token"
 VOTE_ID = re.compile(r"\(vote ([0-9a-f-]{36})\)")
-
-
-def wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} not up after {timeout} s:\n{log.read_text()}")
 
 
 class ArenaServer:
@@ -180,20 +168,7 @@ class Voter(threading.Thread):
         self.rng = random.Random(index)
 
     def call(self, api: str, data: list) -> list:
-        r = self.http.post(f"{self.url}gradio_api/call/{api}",
-                           json={"data": data, "session_hash": self.session})
-        r.raise_for_status()
-        event = None
-        with self.http.stream("GET", f"{self.url}gradio_api/call/{api}/"
-                              f"{r.json()['event_id']}") as stream:
-            for line in stream.iter_lines():
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:") and event == "complete":
-                    return json.loads(line[5:])
-                elif line.startswith("data:") and event == "error":
-                    raise RuntimeError(f"{api}: {line}")
-        raise RuntimeError(f"{api}: stream ended without a result")
+        return call_page(self.http, self.url, api, data, self.session)
 
     def run(self) -> None:
         rounds = 0

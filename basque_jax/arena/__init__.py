@@ -6,5 +6,6 @@ Modules, one job each: ``config`` (the YAML), ``votes`` (the record), ``store`` 
 + ``schema`` (the database), ``ratings`` (Bradley-Terry, bootstrap, online Elo), ``sources``
 (reading/exporting vote files), ``plot``, ``pairing``, ``endpoints`` (streaming answers),
 ``rounds`` (one round, framework-free), ``leaderboard``, ``markup`` (answers as Markdown),
-``page`` (Gradio), ``server`` and ``cli``. Nothing here imports jax or the model stack.
+``page`` (Gradio), ``server``, ``cli`` and ``client`` (scripted participants). Nothing here
+imports jax or the model stack.
 """
