@@ -4,12 +4,14 @@ references for what the server should answer."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx
+import openai
 import torch
 from _model_utils import make_tiny_hf
 from _openai_stub import free_port
@@ -67,6 +69,22 @@ class ServeProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def served(args: list[str], log: Path):
+    """A running ``basque-jax serve ARGS``, stopped on exit."""
+    proc = ServeProcess(args, log)
+    try:
+        yield proc.wait_until_up()
+    finally:
+        proc.stop()
+
+
+def openai_client(server: ServeProcess, timeout: float) -> openai.OpenAI:
+    """The official client on ``server`` (no retries: a failure shows at once)."""
+    return openai.OpenAI(base_url=server.base_url, api_key="EMPTY", max_retries=0,
+                         timeout=timeout)
 
 
 def hf_chat_reference(model, hf_tokenizer, messages: list[dict], max_new_tokens: int,

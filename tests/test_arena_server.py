@@ -5,6 +5,7 @@ in the export exactly once."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -58,6 +59,24 @@ class ArenaServer:
         return [json.loads(line) for line in r.text.splitlines()]
 
 
+@contextlib.contextmanager
+def arena_page(tmp_path: Path, url: str):
+    """Headless Chromium on the arena page at ``url``, once its prompt box is there."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True,
+            args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            page.locator("#arena-prompt textarea").wait_for(timeout=60_000)
+            yield page
+        finally:
+            browser.close()
+
+
 @pytest.fixture(scope="module")
 def stub_url(tmp_path_factory):
     port = free_port()
@@ -96,52 +115,41 @@ def server(stub_url, tmp_path_factory):
 def test_page_in_a_real_browser(server, tmp_path):
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
     prompt = "Kaixo! Zer moduz zaude?"
-    with sync_playwright() as p:
-        browser = p.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True,
-            args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page()
-            page.goto(server.url)
-            page.locator("#arena-prompt textarea").wait_for(timeout=60_000)
-            page.evaluate("""() => { window.seen = [];  // answer A's text at every change
-                const a = document.querySelector('#arena-answer-a');
-                new MutationObserver(() => window.seen.push(
-                    (a.querySelector('[data-testid=markdown]') || a).innerText.trim()))
-                    .observe(a, {subtree: true, childList: true, characterData: true}); }""")
-            page.locator("#arena-prompt textarea").fill(prompt)
-            page.locator("#arena-send").click()
-            page.wait_for_function("() => !document.querySelector('#arena-vote-a').disabled",
-                                   timeout=60_000)
-            answer_a = page.inner_text("#arena-answer-a [data-testid=markdown]").strip()
-            answer_b = page.inner_text("#arena-answer-b [data-testid=markdown]").strip()
-            name_a = re.match(r"<(\w+)>", answer_a).group(1)  # markup shown as text
-            name_b = re.match(r"<(\w+)>", answer_b).group(1)
-            assert name_a != name_b and {name_a, name_b} <= set(MODELS)
-            partial = {t for t in page.evaluate("window.seen") if t and t != answer_a}
-            assert partial and all(answer_a.startswith(t) for t in partial), partial  # streamed
-            assert name_a not in page.inner_text("#arena-reveal")  # still anonymous
+    with arena_page(tmp_path, server.url) as page:
+        page.evaluate("""() => { window.seen = [];  // answer A's text at every change
+            const a = document.querySelector('#arena-answer-a');
+            new MutationObserver(() => window.seen.push(
+                (a.querySelector('[data-testid=markdown]') || a).innerText.trim()))
+                .observe(a, {subtree: true, childList: true, characterData: true}); }""")
+        page.locator("#arena-prompt textarea").fill(prompt)
+        page.locator("#arena-send").click()
+        page.wait_for_function("() => !document.querySelector('#arena-vote-a').disabled",
+                               timeout=60_000)
+        answer_a = page.inner_text("#arena-answer-a [data-testid=markdown]").strip()
+        answer_b = page.inner_text("#arena-answer-b [data-testid=markdown]").strip()
+        name_a = re.match(r"<(\w+)>", answer_a).group(1)  # markup shown as text
+        name_b = re.match(r"<(\w+)>", answer_b).group(1)
+        assert name_a != name_b and {name_a, name_b} <= set(MODELS)
+        partial = {t for t in page.evaluate("window.seen") if t and t != answer_a}
+        assert partial and all(answer_a.startswith(t) for t in partial), partial  # streamed
+        assert name_a not in page.inner_text("#arena-reveal")  # still anonymous
 
-            page.locator("#arena-vote-a").click()
-            page.wait_for_function(
-                "() => document.querySelector('#arena-reveal').innerText.includes('(vote ')",
-                timeout=60_000)
-            reveal = page.inner_text("#arena-reveal")
-            assert f"A was {name_a}, B was {name_b}" in reveal
-            assert page.locator("#arena-vote-a").is_disabled()
+        page.locator("#arena-vote-a").click()
+        page.wait_for_function(
+            "() => document.querySelector('#arena-reveal').innerText.includes('(vote ')",
+            timeout=60_000)
+        reveal = page.inner_text("#arena-reveal")
+        assert f"A was {name_a}, B was {name_b}" in reveal
+        assert page.locator("#arena-vote-a").is_disabled()
 
-            page.get_by_role("tab", name="Leaderboard").click()
-            page.wait_for_function(  # the page refreshes its leaderboard by itself
-                "() => document.querySelector('#arena-board-summary').innerText"
-                ".startsWith('Votes: 1 ')", timeout=60_000)
-            board = page.inner_text("#arena-board")
-            assert all(m in board for m in MODELS)
-            page.screenshot(path=str(tmp_path / "leaderboard.png"), full_page=True)
-        finally:
-            browser.close()
+        page.get_by_role("tab", name="Leaderboard").click()
+        page.wait_for_function(  # the page refreshes its leaderboard by itself
+            "() => document.querySelector('#arena-board-summary').innerText"
+            ".startsWith('Votes: 1 ')", timeout=60_000)
+        board = page.inner_text("#arena-board")
+        assert all(m in board for m in MODELS)
+        page.screenshot(path=str(tmp_path / "leaderboard.png"), full_page=True)
 
     rows = server.export()
     assert len(rows) == 1 and rows[0]["id"] == VOTE_ID.search(reveal).group(1)

@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 import torch
-from _serve_utils import ServeProcess, hf_chat_reference, hf_greedy, tiny_chat_model
+from _serve_utils import hf_chat_reference, hf_greedy, openai_client, served, tiny_chat_model
 
 REPO = Path(__file__).resolve().parents[1]
 MESSAGES = [{"role": "system", "content": "Euskaraz erantzun."},
@@ -55,19 +55,15 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(models, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve_log") / "serve.log"
-    proc = ServeProcess([str(models["tiny"]), str(models["lora"]), "--name", "tiny",
-                         "--name", "tiny-lora", "--batch-size", "4", "--max-len", str(MAX_LEN),
-                         "--chunk-steps", "4"], log)
-    try:
-        yield proc.wait_until_up()
-    finally:
-        proc.stop()
+    with served([str(models["tiny"]), str(models["lora"]), "--name", "tiny",
+                 "--name", "tiny-lora", "--batch-size", "4", "--max-len", str(MAX_LEN),
+                 "--chunk-steps", "4"], log) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.base_url, api_key="EMPTY", max_retries=0,
-                         timeout=120)
+    return openai_client(server, timeout=120)
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,11 @@ import json
 import re
 from pathlib import Path
 
-import openai
 import pytest
 import torch
 from _openai_stub import free_port
-from _serve_utils import ServeProcess, hf_chat_reference, tiny_chat_model
-from test_arena_server import CHROMIUM, CHROMIUM_ARGS, TOKEN, ArenaServer
+from _serve_utils import hf_chat_reference, openai_client, served, tiny_chat_model
+from test_arena_server import CHROMIUM, TOKEN, ArenaServer, arena_page
 
 pytestmark = pytest.mark.slow
 SYSTEM = "Euskaraz erantzun, labur."
@@ -29,19 +28,15 @@ REVEAL = re.compile(r"A was (\S+), B was (\S+) ")
 def server(smollm2, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve_real")
     tiny = tiny_chat_model(root / "tiny", seed=1)
-    proc = ServeProcess([str(smollm2), str(tiny), "--name", "smollm2", "--name", "tiny",
-                         "--batch-size", "2", "--max-len", "256", "--chunk-steps", "4"],
-                        root / "serve.log")
-    try:
-        yield proc.wait_until_up()
-    finally:
-        proc.stop()
+    with served([str(smollm2), str(tiny), "--name", "smollm2", "--name", "tiny",
+                 "--batch-size", "2", "--max-len", "256", "--chunk-steps", "4"],
+                root / "serve.log") as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.base_url, api_key="EMPTY", max_retries=0,
-                         timeout=300)
+    return openai_client(server, timeout=300)
 
 
 def answer(client, model: str) -> str:
@@ -71,8 +66,6 @@ def test_smollm2_answers_like_transformers(smollm2, client):
 def test_arena_on_two_served_models(server, client, tmp_path):
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
     expected = {m: answer(client, m) for m in ("smollm2", "tiny")}  # greedy: what each says
     config = tmp_path / "arena.yaml"
     config.write_text(json.dumps({
@@ -83,39 +76,30 @@ def test_arena_on_two_served_models(server, client, tmp_path):
     arena = ArenaServer(config, free_port(), tmp_path / "arena.log")
     arena.start()
     try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch_persistent_context(
-                str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True,
-                args=CHROMIUM_ARGS)
-            try:
-                page = browser.new_page()
-                page.goto(arena.url)
-                page.locator("#arena-prompt textarea").wait_for(timeout=60_000)
-                page.evaluate("""() => { window.seen = {a: [], b: []};
-                    for (const side of ['a', 'b']) {
-                      const el = document.querySelector('#arena-answer-' + side);
-                      new MutationObserver(() => window.seen[side].push(
-                        (el.querySelector('[data-testid=markdown]') || el).innerText.trim()))
-                        .observe(el, {subtree: true, childList: true, characterData: true});
-                    } }""")
-                page.locator("#arena-prompt textarea").fill(PROMPT)
-                page.locator("#arena-send").click()
-                page.wait_for_function(
-                    "() => !document.querySelector('#arena-vote-a').disabled", timeout=120_000)
-                shown = {s: page.inner_text(f"#arena-answer-{s} [data-testid=markdown]").strip()
-                         for s in "ab"}
-                seen = page.evaluate("window.seen")
-                page.locator("#arena-vote-b").click()
-                page.wait_for_function("() => document.querySelector('#arena-reveal')"
-                                       ".innerText.includes('(vote ')", timeout=60_000)
-                name_a, name_b = REVEAL.search(page.inner_text("#arena-reveal")).groups()
-                page.get_by_role("tab", name="Leaderboard").click()
-                page.wait_for_function(
-                    "() => document.querySelector('#arena-board-summary').innerText"
-                    ".startsWith('Votes: 1 ')", timeout=60_000)
-                board = page.inner_text("#arena-board")
-            finally:
-                browser.close()
+        with arena_page(tmp_path, arena.url) as page:
+            page.evaluate("""() => { window.seen = {a: [], b: []};
+                for (const side of ['a', 'b']) {
+                  const el = document.querySelector('#arena-answer-' + side);
+                  new MutationObserver(() => window.seen[side].push(
+                    (el.querySelector('[data-testid=markdown]') || el).innerText.trim()))
+                    .observe(el, {subtree: true, childList: true, characterData: true});
+                } }""")
+            page.locator("#arena-prompt textarea").fill(PROMPT)
+            page.locator("#arena-send").click()
+            page.wait_for_function(
+                "() => !document.querySelector('#arena-vote-a').disabled", timeout=120_000)
+            shown = {s: page.inner_text(f"#arena-answer-{s} [data-testid=markdown]").strip()
+                     for s in "ab"}
+            seen = page.evaluate("window.seen")
+            page.locator("#arena-vote-b").click()
+            page.wait_for_function("() => document.querySelector('#arena-reveal')"
+                                   ".innerText.includes('(vote ')", timeout=60_000)
+            name_a, name_b = REVEAL.search(page.inner_text("#arena-reveal")).groups()
+            page.get_by_role("tab", name="Leaderboard").click()
+            page.wait_for_function(
+                "() => document.querySelector('#arena-board-summary').innerText"
+                ".startsWith('Votes: 1 ')", timeout=60_000)
+            board = page.inner_text("#arena-board")
         rows = arena.export()
     finally:
         arena.proc.terminate()
