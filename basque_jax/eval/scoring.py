@@ -5,7 +5,8 @@
 of the continuation's log-probabilities under the model and whether every continuation token
 is the model's argmax -- lm-eval's ``(logprob, is_greedy)``, computed as its ``hf`` backend
 does: context + continuation truncated on the left to ``max_length + 1`` tokens, log-softmax
-in float32 over the whole output vocabulary. Rows are sorted by length and padded to a
+in float32 (float64 for a float64 model) over the whole output vocabulary, the continuation's
+token log-probabilities summed in float64. Rows are sorted by length and padded to a
 power-of-two bucket (few compiled shapes); on a mesh they are split over the batch axes, every
 process holding the full request list (SPMD) and reading back every row's result.
 """
@@ -36,7 +37,10 @@ def _bucket(n: int, max_length: int) -> int:
 
 
 def score_fn(graphdef: nnx.GraphDef, chunk: int = LOGIT_CHUNK):
-    """Jitted ``(state, ids, positions, segments, targets, mask) -> (ll [b], greedy [b])``.
+    """Jitted ``(state, ids, positions, segments, targets, mask) -> (logp [b, t], greedy [b])``:
+    each target's log-probability (0 where ``mask`` is 0; summed on the host in float64, so
+    a long document's total carries no float32 summation error) and whether every masked
+    target is the argmax.
 
     Logits are formed ``chunk`` positions at a time (a scan over the sequence), so a batch of
     long rows never holds ``[batch, seq, vocab]`` float32 logits.
@@ -51,19 +55,19 @@ def score_fn(graphdef: nnx.GraphDef, chunk: int = LOGIT_CHUNK):
         def split(x):
             return x.reshape(b, n, t // n, *x.shape[2:]).swapaxes(0, 1)
 
-        def one(carry, xs):
+        def one(greedy, xs):
             h, tg, m = xs
-            logits = model.logits(h).astype(jnp.float32)
+            logits = model.logits(h)
+            logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
             logp = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
             picked = jnp.take_along_axis(logp, tg[..., None], axis=-1)[..., 0]
             on = m > 0
-            ll = jnp.sum(jnp.where(on, picked, 0.0), axis=-1)
             ok = jnp.all(jnp.where(on, jnp.argmax(logits, axis=-1) == tg, True), axis=-1)
-            return (carry[0] + ll, carry[1] & ok), None
+            return greedy & ok, jnp.where(on, picked, 0.0)
 
-        init = (jnp.zeros((b,), jnp.float32), jnp.ones((b,), bool))
-        (ll, greedy), _ = jax.lax.scan(one, init, (split(hidden), split(targets), split(mask)))
-        return ll, greedy
+        greedy, picked = jax.lax.scan(one, jnp.ones((b,), bool),
+                                      (split(hidden), split(targets), split(mask)))
+        return picked.swapaxes(0, 1).reshape(b, t), greedy
 
     return jax.jit(score)
 
@@ -121,7 +125,8 @@ def score_requests(model: nnx.Module, requests: Sequence[tuple[Sequence[int], Se
                 ll, greedy = score(state, *placed)
         else:
             ll, greedy = score(state, *map(jnp.asarray, arrays.values()))
-        ll, greedy = _host(ll), _host(greedy)
+        ll = _host(ll).astype(np.float64).sum(axis=-1)
+        greedy = _host(greedy)
         for r, i in enumerate(chunk):
             out[i] = (float(ll[r]), bool(greedy[r]))
     return out

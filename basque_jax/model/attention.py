@@ -142,10 +142,11 @@ def _attend(qh: jax.Array, kh: jax.Array, vh: jax.Array, allowed: jax.Array) -> 
     ``allowed [b, t, s]``; returns ``[b, kv, g, t, d]``."""
     b, kv_heads, g, t, d = qh.shape
     s = kh.shape[-1]
+    wide = jnp.promote_types(qh.dtype, jnp.float32)  # float32, or float64 for a float64 model
     logits = jnp.matmul(qh.reshape(b, kv_heads, g * t, d), kh,
-                        preferred_element_type=jnp.float32) * (d**-0.5)
+                        preferred_element_type=wide) * (d**-0.5)
     logits = logits.reshape(b, kv_heads, g, t, s)
-    logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(wide).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(vh.dtype).reshape(b, kv_heads, g * t, s)
     return jnp.matmul(probs, vh).reshape(b, kv_heads, g, t, d)
 
