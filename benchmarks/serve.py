@@ -16,9 +16,10 @@ routes, request validation, chat template, detokenization, JSON responses) over 
 
 Clients (the ``openai`` client, ``AsyncOpenAI``) send chat requests over a fixed list of
 Basque / English questions, greedy, ``max_tokens`` ``--max-tokens``, stopping at the model's
-end of turn, each client sending its next request when the last one is answered. Both servers
-are warmed up first (our compiles, torch's first batches), then the concurrency levels run
-alternately on the two servers (same machine load); each prints one JSON line and a summary
+end of turn, each client sending its next request when the last one is answered. At each
+concurrency level both servers first run the level once untimed (our compiles of its decode
+windows and prompt widths, torch's first batches), then the timed runs alternate between the
+two servers (same machine load); each prints one JSON line and a summary
 line gives the ratios and how many answers were identical on both sides.
 
     python benchmarks/serve.py [--model smollm2-135m-instruct --concurrency 1,8,32]
@@ -237,12 +238,11 @@ def main(argv=None) -> int:
                                    args.model, *flags], Path(tmp) / "hf.log"),
         }
         try:
-            for _name, (_proc, url) in servers.items():  # compiles, first batches
-                asyncio.run(load(url, args.batch_size, args.batch_size, args.max_tokens))
-                asyncio.run(load(url, 1, 1, args.max_tokens))
             rows: dict[int, dict[str, dict]] = {}
             for c in levels:
                 n = requests_at(c)
+                for _name, (_proc, url) in servers.items():  # compiles, first batches
+                    asyncio.run(load(url, c, n, args.max_tokens))
                 for name, (_proc, url) in servers.items():
                     result = asyncio.run(load(url, c, n, args.max_tokens))
                     rows.setdefault(c, {})[name] = result

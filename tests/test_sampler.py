@@ -149,6 +149,42 @@ def test_continuous_batching_equals_one_at_a_time(tiny, slots3):
     assert forward != [c.tokens for c in batched]  # sampling did happen
 
 
+def test_decode_windows_are_exact_and_follow_the_load(tiny):
+    """Decode chunks run on the busy rows and used cache slots only (powers of two): the
+    tokens equal whole-batch decoding, also when a row's context grows past a window (60 +
+    20 tokens: the 64-slot window, then 128) and as staggered rows come and go."""
+    import collections
+
+    cfg = dict(batch_size=8, max_len=256, chunk_steps=4)
+    windowed = Sampler(tiny, SamplerConfig(**cfg))
+    whole = Sampler(tiny, SamplerConfig(**cfg, adaptive=False))
+    seen: list[tuple[int, int]] = []
+    pick = windowed._window
+    windowed._window = lambda *a: seen.append(pick(*a)[:2]) or pick(*a)
+    reqs = [Request(p, SamplingParams(0.0, max_new_tokens=n)) for p, n in zip(
+        _prompts(512, lengths=(60, 3, 30, 9, 17, 2, 45, 5, 11, 1)),
+        (20, 3, 40, 6, 9, 2, 12, 4, 25, 7), strict=True)]
+    alone = [c.tokens for _, c in windowed.stream(collections.deque(reqs[:1]))]  # chunks of 4
+    assert seen == [(1, 64)] + [(1, 128)] * 4
+    assert alone == [c.tokens for c in whole.generate(reqs[:1])]
+    seen.clear()
+    got = [c.tokens for c in windowed.generate(reqs)]
+    assert got == [c.tokens for c in whole.generate(reqs)]
+    assert [len(t) for t in got] == [r.params.max_new_tokens for r in reqs]
+    assert seen[0] == (8, 64) and (8, 128) in seen and min(seen)[0] < 8  # fewer rows at the end
+
+
+def test_warm_up_compiles_every_decode_window(tiny):
+    sampler = Sampler(tiny, SamplerConfig(batch_size=6, max_len=200, chunk_steps=4))
+    assert sampler.windows() == [(r, n) for r in (1, 2, 4, 6) for n in (64, 128, 200)]
+    assert sampler.warm_up() == 12 and sampler._decode._cache_size() == 12
+    prompts = _prompts(512, lengths=(150, 3, 30, 9, 17, 2, 45))
+    sampler.generate(prompts, SamplingParams(0.0, max_new_tokens=40))
+    assert sampler._decode._cache_size() == 12  # nothing compiled while serving
+    assert Sampler(tiny, SamplerConfig(batch_size=6, max_len=200, adaptive=False)
+                   ).windows() == [(6, 200)]
+
+
 def test_watch_sees_progress_and_stops_rows_early(tiny, slots3):
     """``watch`` sees each running row after every chunk; stopping one (e.g. on a string)
     leaves the others exactly as they would have run."""

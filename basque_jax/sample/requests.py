@@ -20,8 +20,9 @@ class SamplerConfig:
     """The ``sampler:`` section: row slots (rounded up to a multiple of the batch-sharding
     mesh axes), cache length (every request needs ``len(prompt) + max_new_tokens <= max_len``),
     decode steps between refills while requests wait, the most stop ids per request, the KV
-    cache dtype (default: the model's compute dtype) and per-layer weight copies (``unstack``,
-    default: on CPU, where they are fastest)."""
+    cache dtype (default: the model's compute dtype), per-layer weight copies (``unstack``,
+    default: on CPU, where they are fastest) and ``adaptive`` decode chunks (only the rows
+    and cache slots in use, rounded up to powers of two; off: always the whole batch)."""
 
     batch_size: int = 32
     max_len: int = 4096
@@ -29,6 +30,7 @@ class SamplerConfig:
     max_stop_ids: int = 8
     cache_dtype: str | None = None
     unstack: bool | None = None
+    adaptive: bool = True
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "chunk_steps", "max_stop_ids"):
@@ -72,3 +74,26 @@ def completion_of(ids: np.ndarray, params: SamplingParams) -> Completion:
         stop = tokens[-1]
         return Completion(tokens if params.include_stop else tokens[:-1], "stop", stop)
     return Completion(tokens, "length")
+
+
+def row_arrays(reqs: Sequence[Request | None], width: int, max_stop_ids: int
+               ) -> dict[str, np.ndarray]:
+    """The prefill inputs of ``reqs`` (None: an empty row): right-padded prompts, lengths,
+    seeds, sampling parameters, token budgets, ``-1``-padded stop ids."""
+    n = len(reqs)
+    a = {"tokens": np.zeros((n, width), np.int32), "lengths": np.zeros(n, np.int32),
+         "seeds": np.zeros(n, np.uint32), "temperature": np.zeros(n, np.float32),
+         "top_k": np.zeros(n, np.int32), "top_p": np.ones(n, np.float32),
+         "min_p": np.zeros(n, np.float32), "max_new": np.ones(n, np.int32),
+         "stops": np.full((n, max_stop_ids), -1, np.int32)}
+    for i, r in enumerate(reqs):
+        if r is None:
+            continue
+        p = r.params
+        a["tokens"][i, :len(r.prompt)] = r.prompt
+        a["lengths"][i] = len(r.prompt)
+        a["seeds"][i] = r.seed % (1 << 32)
+        a["temperature"][i], a["top_k"][i] = p.temperature, p.top_k
+        a["top_p"][i], a["min_p"][i], a["max_new"][i] = p.top_p, p.min_p, p.max_new_tokens
+        a["stops"][i, :len(p.stop_ids)] = p.stop_ids
+    return a

@@ -2,24 +2,22 @@
 
 A :class:`Sampler` owns ``batch_size`` row slots over one preallocated KV cache (a per-layer
 :class:`~basque_jax.model.decode.SlotCache`; the model's modules run through
-:func:`~basque_jax.model.decode.forward`). Three compiled programs move a
-:class:`DecodeState` (cache + per-row bookkeeping), which is donated to each of them so the
-cache is updated in place:
+:func:`~basque_jax.model.decode.forward`). Two compiled programs move a :class:`DecodeState`
+(cache + per-row bookkeeping), donated to each so the cache is updated in place, each on a
+window of it (:mod:`basque_jax.sample.windows`: the rows and cache slots in use):
 
-* ``prefill_all`` -- every slot free: one batched prefill of up to ``batch_size`` prompts
-  (right-padded with segment id 0 to a power-of-two bucket, explicit positions) and the first
-  sampled token of each;
-* ``insert`` -- one slot freed while others run: prefill one prompt into that row of the cache
-  (its old contents masked by resetting its segment ids);
+* ``prefill_rows`` -- prefill prompts (right-padded with segment id 0 to a power-of-two
+  bucket, explicit positions) into consecutive rows -- all waiting prompts when every slot is
+  free, else one into a freed slot while the others run -- and sample their first tokens;
 * ``decode`` -- up to ``steps`` one-token steps in a ``jax.lax.while_loop`` (no Python per
   token): forward with the cache, select tokens, record them, finish rows on a stop id or their
   token budget; it exits early when every row is done.
 
 :meth:`Sampler.stream` is the host loop: refill finished rows with waiting requests, run a
-chunk of decode steps, hand back finished completions. Shapes never change, so nothing
-recompiles as requests come and go (only a new prompt-length bucket or sampling mode compiles
-once). Each row samples from its own key (request seed, token counter), so a request's output
-does not depend on which other requests share its batch.
+chunk of decode steps, hand back finished completions. Shapes come from a few buckets (prompt
+widths, windows, sampling modes; :meth:`Sampler.warm_up` compiles the decode windows ahead).
+Each row samples from its own key (request seed, token counter), so a request's output does
+not depend on which other requests share its batch.
 
 On a mesh (``mesh=``) rows are split over the batch axes and weights stay where training put
 them (tensor-parallel heads, FSDP); the model's activation constraints apply as in training.
@@ -60,6 +58,7 @@ from basque_jax.sample.requests import (
     SamplerConfig,
     bucket,
     completion_of,
+    row_arrays,
 )
 from basque_jax.sample.sampling import (
     RowParams,
@@ -68,6 +67,15 @@ from basque_jax.sample.sampling import (
     row_keys,
     select_tokens,
     sort_mode,
+)
+from basque_jax.sample.windows import (
+    WINDOW_MIN,
+    busy_rows,
+    decode_window,
+    ladder,
+    put_window,
+    rows_for,
+    take_window,
 )
 from basque_jax.sharding import (
     DEFAULT_RULES,
@@ -124,12 +132,14 @@ class Sampler:
         self.batch_size = int(math.ceil(cfg.batch_size / rows) * rows)
         self.max_len = cfg.max_len
         self.chunk_steps = cfg.chunk_steps
+        self.adaptive = cfg.adaptive
+        self.row_windows = cfg.adaptive and rows == 1  # rows split over devices: all of them
         self.max_stop_ids = cfg.max_stop_ids
         self._init = jax.jit(self._init_fn, out_shardings=self._state_shardings())
         donate = dict(donate_argnums=1, out_shardings=self._state_shardings())
-        self._prefill_all = jax.jit(self._prefill_all_fn, static_argnames="mode", **donate)
-        self._insert = jax.jit(self._insert_fn, static_argnames="mode", **donate)
-        self._decode = jax.jit(self._decode_fn, static_argnames="mode", **donate)
+        self._prefill_rows = jax.jit(self._prefill_rows_fn, static_argnames="mode", **donate)
+        self._decode = jax.jit(self._decode_fn, static_argnames=("mode", "rows", "length"),
+                               **donate)
         self._finish = jax.jit(lambda s, rows: s._replace(done=s.done | rows),
                                donate_argnums=0, out_shardings=self._state_shardings())
 
@@ -176,12 +186,14 @@ class Sampler:
 
         Yields ``(request, completion)`` as rows finish; the caller may append to ``pending``
         between yields (e.g. a response request for each finished instruction). With ``drain``
-        the last requests run to completion in one call instead of ``chunk_steps`` chunks.
+        the last requests run to completion in as few calls as the shrinking window allows
+        (one without ``adaptive``) instead of ``chunk_steps`` chunks.
         ``watch(request, tokens so far)`` is called for every running row after each chunk of
         decode steps (to stream tokens, or to stop on a string); returning True ends the row
         there (finish reason ``"stop"``, its tokens as generated so far).
         """
         slots: list[Request | None] = [None] * self.batch_size
+        n_out = np.zeros(self.batch_size, np.int32)
         with self._sharding():
             state = self._init()
             while True:
@@ -190,6 +202,7 @@ class Sampler:
                     batch = [pending.popleft() for _ in range(min(self.batch_size, len(pending)))]
                     state = self._fill_all(state, batch)
                     slots[:len(batch)] = batch
+                    n_out[:] = 1
                 elif pending:
                     for slot in free:
                         if not pending:
@@ -197,13 +210,17 @@ class Sampler:
                         req = pending.popleft()
                         state = self._fill_row(state, slot, req)
                         slots[slot] = req
+                        n_out[slot] = 1
                 active = [r for r in slots if r is not None]
                 if not active:
                     return
-                steps = self.max_len if (drain and not pending) else self.chunk_steps
+                steps = None if (drain and not pending) else self.chunk_steps
                 mode = sort_mode([r.params for r in active], self.vocab_size)
-                state = self._decode(self._weights(), state, jnp.int32(steps), mode=mode)
+                rows, length, steps = self._window(slots, n_out, steps)
+                state = self._decode(self._weights(), state, jnp.int32(steps), mode=mode,
+                                     rows=rows, length=length)
                 done, n_out, out = jax.device_get((state.done, state.n_out, state.out))
+                n_out = np.array(n_out)  # writable: refilled rows restart at 1
                 stopped = np.zeros(self.batch_size, bool)
                 for slot, req in enumerate(slots):
                     if req is None:
@@ -221,6 +238,25 @@ class Sampler:
                 if stopped.any():
                     state = self._finish(state, jnp.asarray(stopped))
 
+    def windows(self) -> list[tuple[int, int]]:
+        """Every ``(rows, cache length)`` a decode chunk can run on (see :meth:`_window`)."""
+        if not self.adaptive:
+            return [(self.batch_size, self.max_len)]
+        rows = ladder(1, self.batch_size) if self.row_windows else [self.batch_size]
+        return [(r, n) for r in rows for n in ladder(WINDOW_MIN, self.max_len)]
+
+    def warm_up(self, modes: Sequence[SortMode] = ("greedy",)) -> int:
+        """Compile the decode chunk for every window and sampling mode now (a server's
+        start-up), instead of at a window's first use; returns the number of programs."""
+        with self._sharding():
+            state = self._init()
+            for mode in modes:
+                for rows, length in self.windows():
+                    state = self._decode(self._weights(), state, jnp.int32(0), mode=mode,
+                                         rows=rows, length=length)
+            jax.block_until_ready(state)
+        return len(modes) * len(self.windows())
+
     # ------------------------------------------------------------------ host helpers
     def check(self, req: Request) -> None:
         """UserError (:class:`PromptTooLong` for length) if ``req`` cannot run here."""
@@ -237,39 +273,38 @@ class Sampler:
         if bad:
             raise UserError(f"token ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
 
-    def _row_arrays(self, reqs: Sequence[Request | None], width: int) -> dict[str, np.ndarray]:
-        n = len(reqs)
-        a = {"tokens": np.zeros((n, width), np.int32), "lengths": np.zeros(n, np.int32),
-             "seeds": np.zeros(n, np.uint32), "temperature": np.zeros(n, np.float32),
-             "top_k": np.zeros(n, np.int32), "top_p": np.ones(n, np.float32),
-             "min_p": np.zeros(n, np.float32), "max_new": np.ones(n, np.int32),
-             "stops": np.full((n, self.max_stop_ids), -1, np.int32)}
-        for i, r in enumerate(reqs):
-            if r is None:
-                continue
-            p = r.params
-            a["tokens"][i, :len(r.prompt)] = r.prompt
-            a["lengths"][i] = len(r.prompt)
-            a["seeds"][i] = r.seed % (1 << 32)
-            a["temperature"][i], a["top_k"][i] = p.temperature, p.top_k
-            a["top_p"][i], a["min_p"][i], a["max_new"][i] = p.top_p, p.min_p, p.max_new_tokens
-            a["stops"][i, :len(p.stop_ids)] = p.stop_ids
-        return a
+    def _window(self, slots: Sequence[Request | None], n_out: np.ndarray, steps: int | None
+                ) -> tuple[int, int, int]:
+        """The rows, cache length and steps of the next decode chunk
+        (:func:`~basque_jax.sample.windows.decode_window`; the whole batch and cache without
+        ``adaptive``, all rows when they are split over devices)."""
+        busy = [int(i) for i in busy_rows(slots)]
+        reqs = [slots[i] for i in busy]
+        rows, length, steps = decode_window(
+            [len(r.prompt) for r in reqs], [int(n_out[i]) for i in busy],
+            [r.params.max_new_tokens for r in reqs], busy,
+            steps if self.adaptive or steps is not None else self.max_len,
+            batch_size=self.batch_size, max_len=self.max_len, chunk_steps=self.chunk_steps)
+        if not self.adaptive:
+            return self.batch_size, self.max_len, steps
+        return rows if self.row_windows else self.batch_size, length, steps
 
     def _fill_all(self, state: DecodeState, batch: list[Request]) -> DecodeState:
+        """Prefill ``batch`` into rows 0, 1, ... (every row free): as many rows as the
+        smallest power of two that holds them (all rows without ``row_windows``)."""
         for r in batch:
             self.check(r)
         width = bucket(max(len(r.prompt) for r in batch), self.max_len)
-        rows = list(batch) + [None] * (self.batch_size - len(batch))
-        a = self._row_arrays(rows, width)
+        n = rows_for(len(batch), self.batch_size) if self.row_windows else self.batch_size
+        a = row_arrays(list(batch) + [None] * (n - len(batch)), width, self.max_stop_ids)
         mode = sort_mode([r.params for r in batch], self.vocab_size)
-        return self._prefill_all(self._weights(), state, a, mode=mode)
+        return self._prefill_rows(self._weights(), state, a, jnp.int32(0), mode=mode)
 
     def _fill_row(self, state: DecodeState, slot: int, req: Request) -> DecodeState:
         self.check(req)
-        a = self._row_arrays([req], bucket(len(req.prompt), self.max_len))
+        a = row_arrays([req], bucket(len(req.prompt), self.max_len), self.max_stop_ids)
         mode = sort_mode([req.params], self.vocab_size)
-        return self._insert(self._weights(), state, a, jnp.int32(slot), mode=mode)
+        return self._prefill_rows(self._weights(), state, a, jnp.int32(slot), mode=mode)
 
     @contextlib.contextmanager
     def _sharding(self):
@@ -359,29 +394,35 @@ class Sampler:
                     params=RowParams(a["temperature"], a["top_k"], a["top_p"], a["min_p"]),
                     max_new=a["max_new"], stops=a["stops"])
 
-    def _prefill_all_fn(self, weights, state: DecodeState, a, *, mode: SortMode
-                        ) -> DecodeState:
-        cache, first = self._prefill(weights, state.cache, a, mode)
-        return DecodeState(cache=cache, **self._start_rows(a, first, a["lengths"] > 0))
+    def _prefill_rows_fn(self, weights, state: DecodeState, a, start: jax.Array, *,
+                         mode: SortMode) -> DecodeState:
+        """Prefill ``a``'s prompts into rows ``start, start + 1, ...``: their whole cache rows
+        emptied, the prompts written from slot 0 and attended over their own width only."""
+        rows, width = a["tokens"].shape
+        c = state.cache
+        emptied = jax.lax.dynamic_update_slice_in_dim(
+            c.segment_ids, jnp.zeros((rows, self.max_len), c.segment_ids.dtype), start, 0)
+        state = state._replace(cache=c._replace(segment_ids=emptied))
+        length = width if self.adaptive else self.max_len
+        cache, first = self._prefill(weights, take_window(state, rows, length, start).cache, a,
+                                     mode)
+        part = DecodeState(cache=cache, **self._start_rows(a, first, a["lengths"] > 0))
+        return put_window(state, part, start)
 
-    def _insert_fn(self, weights, state: DecodeState, a, slot: jax.Array, *,
-                   mode: SortMode) -> DecodeState:
-        def take(x: jax.Array) -> jax.Array:
-            return jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=0)
+    def _decode_fn(self, weights, state: DecodeState, steps: jax.Array, *, mode: SortMode,
+                   rows: int | None = None, length: int | None = None) -> DecodeState:
+        """``steps`` decode steps of rows ``0..rows-1`` against cache slots ``0..length-1``
+        (default: all); the rest of the state is left as it is."""
+        rows, length = rows or self.batch_size, length or self.max_len
+        if (rows, length) == (self.batch_size, self.max_len):
+            return self._decode_rows(weights, state, steps, mode)
+        part = self._decode_rows(weights, take_window(state, rows, length), steps, mode)
+        return put_window(state, part)
 
-        def put(full: jax.Array, one: jax.Array) -> jax.Array:
-            return jax.lax.dynamic_update_slice_in_dim(full, one.astype(full.dtype), slot, 0)
-
-        row, first = self._prefill(weights, jax.tree.map(take, state.cache), a, mode)
-        cache = jax.tree.map(put, state.cache, row)
-        fields = self._start_rows(a, first, jnp.ones((1,), bool))
-        rows = {k: jax.tree.map(put, getattr(state, k), v) for k, v in fields.items()}
-        return state._replace(cache=cache, **rows)
-
-    def _decode_fn(self, weights, state: DecodeState, steps: jax.Array, *, mode: SortMode
-                   ) -> DecodeState:
+    def _decode_rows(self, weights, state: DecodeState, steps: jax.Array, mode: SortMode
+                     ) -> DecodeState:
         model, mods, fused = self._modules(weights)
-        rows = jnp.arange(self.batch_size)
+        rows = jnp.arange(state.done.shape[0])
         cap = self.max_len - 1
 
         def cond(carry):

@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import time
 
+from basque_jax.cache import enable_compilation_cache
 from basque_jax.errors import ConfigError, MissingDependency
 
 log = logging.getLogger("basque_jax.serve")
@@ -48,6 +50,12 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="fold a run's LoRA adapters into the weights (faster decode)")
     p.add_argument("--api-key-env", default=None, metavar="VAR",
                    help="require 'Authorization: Bearer $VAR' on /v1 routes")
+    p.add_argument("--warmup", action="store_true",
+                   help="compile every decode window (rows x cache length, greedy) before "
+                        "serving, instead of at first use")
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="compiled programs kept for restarts (default "
+                        "$JAX_COMPILATION_CACHE_DIR or ~/.cache/basque_jax/xla; none: off)")
     p.add_argument("--log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=_cmd_serve)
@@ -80,12 +88,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                            chunk_steps=args.chunk_steps, cache_dtype=args.cache_dtype)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(name)s: %(message)s")
+    cache = enable_compilation_cache(args.compile_cache)
+    log.info("serve: compiled programs cached in %s", cache or "memory only")
     served = []
     for source, name in zip(args.models, model_names(args.models, args.name), strict=True):
         model = load_served_model(source, name, config, dtype=args.dtype, tensor=args.tensor,
                                   merge_lora=args.merge_lora)
         log.info("serve: %s <- %s (%s, stop ids %s)", model.name, source,
                  type(model.encoder).__name__, list(model.stop_ids))
+        if args.warmup:
+            t0 = time.perf_counter()
+            n = model.worker.sampler.warm_up()
+            log.info("serve: %s: %d decode programs ready in %.1f s", model.name, n,
+                     time.perf_counter() - t0)
         served.append(model)
     check_unique(served)
     log.info("serve: http://%s:%d/v1 (batch %d, max_len %d per model)", args.host, args.port,
