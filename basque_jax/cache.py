@@ -22,6 +22,11 @@ def enable_compilation_cache(folder: str | Path | None = None) -> Path | None:
         return None
     path = Path(folder or os.environ.get("JAX_COMPILATION_CACHE_DIR")
                 or default_cache_dir() / "xla")
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        from basque_jax.errors import ConfigError
+
+        raise ConfigError(f"compilation cache {path}: cannot create it ({e.strerror})") from None
     jax.config.update("jax_compilation_cache_dir", str(path))
     return path

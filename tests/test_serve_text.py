@@ -114,10 +114,13 @@ def test_serve_command_line(tmp_path, capsys):
               "set(sys.modules)))")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120)
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
     assert proc.stdout.strip() == "['m1', 'm2'] ['x'] 9001 []", proc.stderr
     for argv, message in [([str(tmp_path / "nowhere")], "does not exist"),
                           (["m", "--port", "0"], "--port"),
-                          (["m", "--name", "a", "--name", "b"], "--name")]:
+                          (["m", "--name", "a", "--name", "b"], "--name"),
+                          (["m", "--compile-cache", str(not_a_dir / "xla")], "compilation cache")]:
         assert main(["serve", *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("basque-jax serve: ") and message in err and "\n" not in err
