@@ -346,6 +346,16 @@ def place(value: Any, sharding: NamedSharding) -> jax.Array:
     return jax.device_put(value, sharding)
 
 
+def to_host(value: Any) -> np.ndarray:
+    """The whole of an array as numpy, also one spread over several hosts (then gathered with
+    ``process_allgather``: every process must fetch the same arrays in the same order)."""
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    return np.asarray(jax.device_get(value))
+
+
 def abstract_state(state: Any, mesh: Mesh, rules: Mapping[str, MeshAxes] | None = None) -> Any:
     """``ShapeDtypeStruct`` s of an abstract (``nnx.eval_shape``) state, each carrying the
     sharding its logical axes give on ``mesh`` (targets for restoring or AOT compiling)."""

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from _multihost_utils import finish, start_two
 
 from basque_jax import distributed
 from basque_jax.config import load_config
@@ -48,48 +46,14 @@ def tiny_model(tmp_path_factory) -> str:
     return str(folder)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_two(out_dir: Path, *args: str) -> list[subprocess.Popen]:
-    """Start ``basque-jax train`` as processes 0 and 1 of 2 (4 CPU devices each)."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "JAX_PLATFORMS": "cpu",  # the resumed launch reuses the first one's executables
-           "JAX_COMPILATION_CACHE_DIR": str(out_dir.parent / "jax_cache"),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    for key in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES,
-                distributed.ENV_PROCESS_ID):
-        env.pop(key, None)
-    port = _free_port()
-    return [subprocess.Popen(
-        [sys.executable, "-m", "basque_jax.cli", "train", str(DEMO), *RUN, *args,
-         f"train.output_dir={out_dir}",
-         "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)]
-
-
-def _finish(procs: list[subprocess.Popen], timeout: float = 600) -> tuple[list[str], list[int]]:
-    """Outputs and exit codes; a process still running after ``timeout`` (a hang) fails."""
-    outputs, codes = [], []
-    deadline = time.time() + timeout
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=max(1.0, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail(f"a process hung (still running after {timeout:.0f} s)")
-        outputs.append(out)
-        codes.append(p.returncode)
-    return outputs, codes
+    """``basque-jax train`` of the demo config as processes 0 and 1 of 2."""
+    return start_two(["train", str(DEMO), *RUN, *args, f"train.output_dir={out_dir}"],
+                     out_dir.parent / "jax_cache")
 
 
 def _launch_two(out_dir: Path, steps: int, model: str, *extra: str) -> list[str]:
-    outputs, codes = _finish(_start_two(out_dir, "model.preset=null", f"model.init_from={model}",
+    outputs, codes = finish(_start_two(out_dir, "model.preset=null", f"model.init_from={model}",
                                         f"train.steps={steps}", *extra))
     for out, code in zip(outputs, codes, strict=True):
         assert code == 0, out[-3000:]
@@ -170,7 +134,7 @@ def test_hosts_with_uneven_data_stop_together_in_training_and_eval(tmp_path, tin
     eval_args = [f"eval_data={{tokenizer: demo, sources: {sources}, seq_len: 64, epochs: 1, "
                  f"batch_size: 8, seed: {args[3].split('=')[1]}}}", "train.eval_every=1",
                  "train.eval_batches=100"]
-    outputs, codes = _finish(_start_two(tmp_path / "run", "model.preset=null",
+    outputs, codes = finish(_start_two(tmp_path / "run", "model.preset=null",
                                         f"model.init_from={tiny_model}", *args, *eval_args),
                              timeout=420)
     assert codes == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
@@ -188,7 +152,7 @@ def test_a_preempted_host_makes_every_host_save_the_same_step(tmp_path, tiny_mod
         assert time.time() < deadline and all(p.poll() is None for p in procs)
         time.sleep(0.1)
     procs[1].send_signal(15)  # SIGTERM to one host only
-    outputs, codes = _finish(procs, timeout=300)
+    outputs, codes = finish(procs, timeout=300)
     assert codes == [75, 75], outputs[0][-2000:] + outputs[1][-2000:]
     steps = [int(o.split("preempted: saved step ")[1].split()[0]) for o in outputs]
     assert steps[0] == steps[1] and 3 <= steps[0] < 200

@@ -117,7 +117,8 @@ def test_lora_steps_lower_held_out_basque_loss(smollm2, tmp_path):
         f"vars.out={tmp_path}", f"data.sources={corpus}", f"eval_data.sources={held}",
         "data.batch_size=8", "data.seq_len=64", "eval_data.batch_size=8",
         "eval_data.seq_len=64", "train.steps=12", "train.eval_every=12",
-        "train.progress_bar=false", "train.tensorboard=false", "optim.lr=2e-3"])
+        "train.progress_bar=false", "train.tensorboard=false", "optim.lr=2e-3",
+        "mesh.data=1", "mesh.fsdp=-1"])  # weights split 8 ways, not copied on 8 devices
     run_training(cfg)
     evals = [json.loads(x)["eval_loss"] for x in
              (tmp_path / "train" / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x]

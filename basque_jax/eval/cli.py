@@ -45,6 +45,8 @@ def parse_mesh(text: str | None):
 
 
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    from basque_jax.distributed import add_arguments as add_distributed_arguments
+
     p = sub.add_parser(
         "eval", help="lm-eval benchmarks (--tasks / --suite latxa) or held-out perplexity",
         description="MODEL: a Hugging Face folder or model name, a training output dir / "
@@ -97,6 +99,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
                      help="record format of the --perplexity files (default corpus)")
     ppl.add_argument("--seq-len", type=int, default=2048, help="packed row length (default 2048)")
     ppl.add_argument("--max-batches", type=int, default=None, help="stop after N batches")
+    add_distributed_arguments(p)
     p.set_defaults(func=_cmd_eval)
 
 

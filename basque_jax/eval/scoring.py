@@ -19,11 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from basque_jax.errors import UserError
-from basque_jax.sharding import batch_sharding, batch_shards, use_sharding
+from basque_jax.sharding import batch_sharding, batch_shards, to_host, use_sharding
 
 MIN_BUCKET = 16
 LOGIT_CHUNK = 256  # positions whose [batch, positions, vocab] float32 logits exist at once
@@ -70,12 +69,6 @@ def score_fn(graphdef: nnx.GraphDef, chunk: int = LOGIT_CHUNK):
         return picked.swapaxes(0, 1).reshape(b, t), greedy
 
     return jax.jit(score)
-
-
-def _host(x: jax.Array) -> np.ndarray:
-    if x.is_fully_addressable:
-        return np.asarray(jax.device_get(x))
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def score_requests(model: nnx.Module, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
@@ -125,8 +118,8 @@ def score_requests(model: nnx.Module, requests: Sequence[tuple[Sequence[int], Se
                 ll, greedy = score(state, *placed)
         else:
             ll, greedy = score(state, *map(jnp.asarray, arrays.values()))
-        ll = _host(ll).astype(np.float64).sum(axis=-1)
-        greedy = _host(greedy)
+        ll = to_host(ll).astype(np.float64).sum(axis=-1)
+        greedy = to_host(greedy)
         for r, i in enumerate(chunk):
             out[i] = (float(ll[r]), bool(greedy[r]))
     return out

@@ -21,14 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
 from basque_jax.errors import InputNotFound, UserError
 from basque_jax.model.config import LlamaConfig
 from basque_jax.model.llama import Llama
 from basque_jax.model.safetensors_io import SafetensorsFile, write_safetensors
-from basque_jax.sharding import DEFAULT_RULES, MeshAxes, logical_to_spec
+from basque_jax.sharding import DEFAULT_RULES, MeshAxes, logical_to_spec, to_host
 
 # Our parameter path inside ``layers`` → HF name inside ``model.layers.{i}``.
 LAYER_KEYS: dict[tuple[str, ...], str] = {
@@ -311,17 +310,15 @@ def write_pretrained(
 def model_fetch(model: Llama) -> Fetch:
     """A :data:`Fetch` over a placed model: each layer is sliced on device and copied to host.
 
-    Arrays that are not fully addressable (multi-host) are gathered with
-    ``process_allgather``: every process must then fetch the same tensors in the same order.
+    Arrays spread over several hosts are gathered (:func:`~basque_jax.sharding.to_host`):
+    every process must then fetch the same tensors in the same order.
     """
     params = {p: v for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)}
 
     def fetch(e: TensorEntry, layer: int | None) -> np.ndarray:
         value = params[e.path].value
         part = value if layer is None else value[layer]
-        if isinstance(part, jax.Array) and not part.is_fully_addressable:
-            return np.asarray(multihost_utils.process_allgather(part, tiled=True))
-        return np.asarray(jax.device_get(part))
+        return to_host(part)
 
     return fetch
 
