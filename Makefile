@@ -33,7 +33,7 @@ browser:
 
 test: $(STAMP) browser
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
-	  $(BIN)/python -m pytest -n 2 -q --durations=25 tests
+	  $(BIN)/python -m pytest -n 2 --dist loadgroup -q --durations=25 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

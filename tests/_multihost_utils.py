@@ -4,7 +4,6 @@ each): starting them and collecting their outputs."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,14 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from _openai_stub import free_port
 
 from basque_jax import distributed
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_two(argv: Sequence[str], cache_dir: Path) -> list[subprocess.Popen]:

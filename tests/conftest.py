@@ -13,6 +13,11 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+# Tests that hold the real SmolLM2 (several GB each across 8 fake devices, torch copies and
+# compiles) share one xdist worker (`pytest -n 2 --dist loadgroup`): two of them at once on
+# the two workers would exceed the CI machine's memory.
+REAL_MODEL_WORKER = pytest.mark.xdist_group("real_model")
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 # HF config kwargs for the parity cases the foundation issue names.

@@ -29,6 +29,7 @@ from _lm_eval_utils import (
     rolling_task,
     write_task_yaml,
 )
+from conftest import REAL_MODEL_WORKER
 
 from basque_jax.errors import UserError
 
@@ -157,6 +158,7 @@ def smol_models(smollm2):
 
 
 @pytest.mark.slow
+@REAL_MODEL_WORKER
 def test_smollm2_equals_hf(smol_models):
     """Through 30 float32 layers lm-eval's float32 hf backend is itself up to ~9e-4 away from
     its float64 run on a 200-token document (torch's float32 log_softmax on CPU is biased by

@@ -10,18 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA
+from conftest import REAL_MODEL_WORKER, SHARED_DATA
 
 from basque_jax.data.templates import make_chat_encoder
 from basque_jax.sample import Request, Sampler, SamplingParams
 from basque_jax.sample.sampler import SamplerConfig
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, REAL_MODEL_WORKER]
 REPO = Path(__file__).resolve().parents[1]
 QUESTIONS = ["Kaixo!", "Zer da euskara, eta non hitz egiten da?",
              "Write one sentence about the Basque Country and its mountains, please.",
              "List three colours in Basque and explain briefly where each word comes from."]
-NEW_TOKENS = 64
+NEW_TOKENS = 40
 
 
 def _prompts(tok) -> list[list[int]]:
@@ -91,7 +91,7 @@ def test_magpie_instructions_end_at_the_template_end_of_turn(smollm2, tmp_path):
     cfg = load_generate_config(REPO / "configs" / "sample" / "magpie_smollm2.yaml",
                                [f"vars.out={tmp_path}", "num_samples=4",
                                 "response.max_new_tokens=24", "instruction.max_new_tokens=40",
-                                "sampler.max_len=160"])
+                                "sampler.max_len=160", "mesh.data=1", "mesh.fsdp=-1"])
     run_generate(cfg)
     records = list(read_records(sorted((tmp_path / "magpie").glob("shard-*.jsonl"))))
     assert len(records) == 4

@@ -14,9 +14,10 @@ import pytest
 import torch
 from _openai_stub import free_port
 from _serve_utils import hf_chat_reference, openai_client, served, tiny_chat_model
+from conftest import REAL_MODEL_WORKER
 from test_arena_server import CHROMIUM, TOKEN, ArenaServer, arena_page
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, REAL_MODEL_WORKER]
 SYSTEM = "Euskaraz erantzun, labur."
 PROMPT = "Zer da euskara?"
 MESSAGES = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPT}]
