@@ -346,14 +346,19 @@ def place(value: Any, sharding: NamedSharding) -> jax.Array:
     return jax.device_put(value, sharding)
 
 
-def to_host(value: Any) -> np.ndarray:
-    """The whole of an array as numpy, also one spread over several hosts (then gathered with
-    ``process_allgather``: every process must fetch the same arrays in the same order)."""
-    if isinstance(value, jax.Array) and not value.is_fully_addressable:
-        from jax.experimental import multihost_utils
+def to_host(tree: Any) -> Any:
+    """Arrays of ``tree`` as whole numpy arrays, in one transfer; an array spread over several
+    hosts is gathered with ``process_allgather`` (every process must then fetch the same
+    arrays in the same order)."""
+    def spread(x: Any) -> bool:
+        return isinstance(x, jax.Array) and not x.is_fully_addressable
 
-        return np.asarray(multihost_utils.process_allgather(value, tiled=True))
-    return np.asarray(jax.device_get(value))
+    if not any(map(spread, jax.tree.leaves(tree))):
+        return jax.tree.map(np.asarray, jax.device_get(tree))
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                        if spread(x) else np.asarray(jax.device_get(x)), tree)
 
 
 def abstract_state(state: Any, mesh: Mesh, rules: Mapping[str, MeshAxes] | None = None) -> Any:

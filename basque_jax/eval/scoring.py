@@ -118,8 +118,8 @@ def score_requests(model: nnx.Module, requests: Sequence[tuple[Sequence[int], Se
                 ll, greedy = score(state, *placed)
         else:
             ll, greedy = score(state, *map(jnp.asarray, arrays.values()))
-        ll = to_host(ll).astype(np.float64).sum(axis=-1)
-        greedy = to_host(greedy)
+        ll, greedy = to_host((ll, greedy))
+        ll = ll.astype(np.float64).sum(axis=-1)
         for r, i in enumerate(chunk):
             out[i] = (float(ll[r]), bool(greedy[r]))
     return out

@@ -220,7 +220,7 @@ class Sampler:
                 rows, length, steps = self._window(slots, n_out, steps)
                 state = self._decode(self._weights(), state, jnp.int32(steps), mode=mode,
                                      rows=rows, length=length)
-                done, n_out, out = map(to_host, (state.done, state.n_out, state.out))
+                done, n_out, out = to_host((state.done, state.n_out, state.out))
                 n_out = np.array(n_out)  # writable: refilled rows restart at 1
                 stopped = np.zeros(self.batch_size, bool)
                 for slot, req in enumerate(slots):
