@@ -149,6 +149,25 @@ def test_continuous_batching_equals_one_at_a_time(tiny, slots3):
     assert forward != [c.tokens for c in batched]  # sampling did happen
 
 
+def test_fine_prompt_buckets_pad_less_and_change_nothing(tiny):
+    from basque_jax.config import ConfigError
+    from basque_jax.sample.requests import bucket
+
+    assert [bucket(n, 4096) for n in (1, 16, 17, 33, 100, 1000)] == [16, 16, 32, 64, 128, 1024]
+    assert [bucket(n, 4096, 4) for n in (1, 17, 33, 49, 65, 100, 129, 1000)] == [
+        16, 32, 48, 64, 80, 112, 160, 1024]
+    assert bucket(300, 200, 4) == 200
+    assert all(n <= bucket(n, 4096, 4) <= max(n + 15, 1.25 * n) for n in range(1, 3000))
+    prompts = _prompts(512, lengths=(33, 17, 40, 21))  # widths 64 / 32 vs 48 / 32 / 48 / 32
+    params = SamplingParams(0.0, max_new_tokens=6)
+    coarse = Sampler(tiny, SamplerConfig(batch_size=2, max_len=64))
+    fine = Sampler(tiny, SamplerConfig(batch_size=2, max_len=64, prompt_buckets=4))
+    assert [c.tokens for c in fine.generate(prompts, params)] == [
+        c.tokens for c in coarse.generate(prompts, params)]
+    with pytest.raises(ConfigError, match=r"sampler\.prompt_buckets: must be a power of two"):
+        SamplerConfig(prompt_buckets=3)
+
+
 def test_decode_windows_are_exact_and_follow_the_load(tiny):
     """Decode chunks run on the busy rows and used cache slots only (powers of two): the
     tokens equal whole-batch decoding, also when a row's context grows past a window (60 +

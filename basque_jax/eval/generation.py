@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from basque_jax.errors import UserError
-from basque_jax.sample.sampler import Request, Sampler, SamplerConfig, bucket
+from basque_jax.sample.requests import FINE_BUCKETS, Request, SamplerConfig, bucket
+from basque_jax.sample.sampler import Sampler
 from basque_jax.sample.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -124,7 +125,7 @@ def sampler_for(lm: BasqueJaxLM, rows: int, max_len: int) -> Sampler:
     sampler, version = m.compiled.get(key, (None, None))
     if sampler is None:
         config = SamplerConfig(batch_size=rows, max_len=max_len,
-                               chunk_steps=lm.chunk_steps,
+                               chunk_steps=lm.chunk_steps, prompt_buckets=FINE_BUCKETS,
                                max_stop_ids=max(8, len(lm.generation.stop_ids)))
         sampler = Sampler(config=config, graphdef=m.graphdef, params=m.states, mesh=m.mesh,
                           rules=m.rules)

@@ -6,9 +6,11 @@ of the continuation's log-probabilities under the model and whether every contin
 is the model's argmax -- lm-eval's ``(logprob, is_greedy)``, computed as its ``hf`` backend
 does: context + continuation truncated on the left to ``max_length + 1`` tokens, log-softmax
 in float32 (float64 for a float64 model) over the whole output vocabulary, the continuation's
-token log-probabilities summed in float64. Rows are sorted by length and padded to a
-power-of-two bucket (few compiled shapes); on a mesh they are split over the batch axes, every
-process holding the full request list (SPMD) and reading back every row's result.
+token log-probabilities summed in float64. Rows are sorted by length and padded to a few
+lengths (at most 25 % or 15 tokens of padding); the output head runs on the
+continuations only (each batch's longest, padded likewise). On a mesh rows are split over
+the batch axes, every process holding the full request list (SPMD) and reading back every
+row's result.
 """
 
 from __future__ import annotations
@@ -22,37 +24,46 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from basque_jax.errors import UserError
+from basque_jax.sample.requests import FINE_BUCKETS, bucket
 from basque_jax.sharding import batch_sharding, batch_shards, to_host, use_sharding
 
-MIN_BUCKET = 16
 LOGIT_CHUNK = 256  # positions whose [batch, positions, vocab] float32 logits exist at once
 
 
-def _bucket(n: int, max_length: int) -> int:
-    size = MIN_BUCKET
-    while size < n:
-        size *= 2
-    return min(size, max_length)
+def _pieces(t: int) -> int:
+    """How many equal pieces of at most about ``LOGIT_CHUNK`` positions ``t`` splits into."""
+    least = -(-t // LOGIT_CHUNK)
+    return next((n for n in range(least, 2 * least + 1) if t % n == 0), 1)
 
 
-def score_fn(graphdef: nnx.GraphDef, chunk: int = LOGIT_CHUNK):
-    """Jitted ``(state, ids, positions, segments, targets, mask) -> (logp [b, t], greedy [b])``:
-    each target's log-probability (0 where ``mask`` is 0; summed on the host in float64, so
-    a long document's total carries no float32 summation error) and whether every masked
-    target is the argmax.
+def score_fn(graphdef: nnx.GraphDef):
+    """Jitted ``(state, ids, positions, segments, targets, mask, span=S) -> (logp [b, S],
+    greedy [b])``: the log-probability of each target among each row's last ``S`` real
+    positions (0 where ``mask`` is 0; summed on the host in float64, so a long document's
+    total carries no float32 summation error) and whether every masked target is the argmax.
 
-    Logits are formed ``chunk`` positions at a time (a scan over the sequence), so a batch of
-    long rows never holds ``[batch, seq, vocab]`` float32 logits.
+    Rows are right-padded; ``mask`` must be 0 outside each row's last ``S`` tokens (the
+    continuation), so the output head and the log-softmax run on ``S`` positions per row, not
+    the whole padded length. Logits are formed about ``LOGIT_CHUNK`` positions at a time (a
+    scan), so a batch of long rows never holds ``[batch, seq, vocab]`` float32 logits.
     """
 
-    def score(state, ids, positions, segments, targets, mask):
+    def score(state, ids, positions, segments, targets, mask, *, span: int):
         model = nnx.merge(graphdef, state)
         hidden = model(ids, positions=positions, segment_ids=segments, return_hidden=True)
         b, t = ids.shape
-        n = t // chunk if t > chunk and t % chunk == 0 else 1
+        if span < t:  # each row's last `span` real positions
+            first = jnp.sum(segments > 0, axis=-1, dtype=jnp.int32)[:, None] - span
+            idx = first + jnp.arange(span, dtype=jnp.int32)[None, :]
+            inside = idx >= 0
+            idx = jnp.maximum(idx, 0)
+            hidden = jnp.take_along_axis(hidden, idx[..., None], axis=1)
+            targets = jnp.take_along_axis(targets, idx, axis=1)
+            mask = jnp.where(inside, jnp.take_along_axis(mask, idx, axis=1), 0)
+        n = _pieces(span)
 
         def split(x):
-            return x.reshape(b, n, t // n, *x.shape[2:]).swapaxes(0, 1)
+            return x.reshape(b, n, span // n, *x.shape[2:]).swapaxes(0, 1)
 
         def one(greedy, xs):
             h, tg, m = xs
@@ -66,9 +77,9 @@ def score_fn(graphdef: nnx.GraphDef, chunk: int = LOGIT_CHUNK):
 
         greedy, picked = jax.lax.scan(one, jnp.ones((b,), bool),
                                       (split(hidden), split(targets), split(mask)))
-        return picked.swapaxes(0, 1).reshape(b, t), greedy
+        return picked.swapaxes(0, 1).reshape(b, span), greedy
 
-    return jax.jit(score)
+    return jax.jit(score, static_argnames="span")
 
 
 def score_requests(model: nnx.Module, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
@@ -100,7 +111,8 @@ def score_requests(model: nnx.Module, requests: Sequence[tuple[Sequence[int], Se
     out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        length = _bucket(max(len(rows[i][0]) - 1 for i in chunk), max_length)
+        length = bucket(max(len(rows[i][0]) - 1 for i in chunk), max_length, FINE_BUCKETS)
+        span = bucket(max(rows[i][1] for i in chunk), length, FINE_BUCKETS)
         arrays = {k: np.zeros((batch_size, length), np.int32)
                   for k in ("ids", "positions", "segments", "targets", "mask")}
         for r, i in enumerate(chunk):
@@ -115,9 +127,9 @@ def score_requests(model: nnx.Module, requests: Sequence[tuple[Sequence[int], Se
             placed = [jax.make_array_from_callback(a.shape, sharding, lambda idx, a=a: a[idx])
                       for a in arrays.values()]
             with use_sharding(mesh, rules):
-                ll, greedy = score(state, *placed)
+                ll, greedy = score(state, *placed, span=span)
         else:
-            ll, greedy = score(state, *map(jnp.asarray, arrays.values()))
+            ll, greedy = score(state, *map(jnp.asarray, arrays.values()), span=span)
         ll, greedy = to_host((ll, greedy))
         ll = ll.astype(np.float64).sum(axis=-1)
         for r, i in enumerate(chunk):

@@ -13,6 +13,7 @@ from basque_jax.errors import ConfigError, UserError
 from basque_jax.sample.sampling import SamplingParams
 
 MIN_BUCKET = 16
+FINE_BUCKETS = 4  # lengths per octave where padding costs more than compiling (eval)
 
 
 @dataclass(frozen=True)
@@ -21,8 +22,10 @@ class SamplerConfig:
     mesh axes), cache length (every request needs ``len(prompt) + max_new_tokens <= max_len``),
     decode steps between refills while requests wait, the most stop ids per request, the KV
     cache dtype (default: the model's compute dtype), per-layer weight copies (``unstack``,
-    default: on CPU, where they are fastest) and ``adaptive`` decode chunks (only the rows
-    and cache slots in use, rounded up to powers of two; off: always the whole batch)."""
+    default: on CPU, where they are fastest), ``adaptive`` decode chunks (only the rows
+    and cache slots in use, rounded up to powers of two; off: always the whole batch) and the
+    prompt widths prefill compiles for per octave (``prompt_buckets``: 1, powers of two; 4,
+    at most 25 % (or 15 tokens) of padding and four times the programs)."""
 
     batch_size: int = 32
     max_len: int = 4096
@@ -31,11 +34,15 @@ class SamplerConfig:
     cache_dtype: str | None = None
     unstack: bool | None = None
     adaptive: bool = True
+    prompt_buckets: int = 1
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "chunk_steps", "max_stop_ids"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"sampler.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.prompt_buckets < 1 or self.prompt_buckets & (self.prompt_buckets - 1):
+            raise ConfigError(f"sampler.prompt_buckets: must be a power of two, got "
+                              f"{self.prompt_buckets}")
         if self.max_len < 2:
             raise ConfigError(f"sampler.max_len: must be >= 2, got {self.max_len}")
 
@@ -63,9 +70,14 @@ class PromptTooLong(UserError):
     """A prompt plus its token budget does not fit the cache."""
 
 
-def bucket(n: int, cap: int) -> int:
-    """The padded length for an ``n``-token prompt: a power of two >= ``MIN_BUCKET``, <= cap."""
-    return min(cap, max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length()))
+def bucket(n: int, cap: int, per_octave: int = 1) -> int:
+    """The padded length for ``n`` tokens, at least ``MIN_BUCKET`` and at most ``cap``: the
+    next power of two (``per_octave`` 1), or a multiple of 1/``per_octave`` (a power of two)
+    of the power of two below ``n`` -- finer buckets, more compiled shapes, less padding."""
+    if n <= MIN_BUCKET:
+        return min(cap, MIN_BUCKET)
+    step = max(MIN_BUCKET, (1 << ((n - 1).bit_length() - 1)) // per_octave)
+    return min(cap, -(-n // step) * step)
 
 
 def completion_of(ids: np.ndarray, params: SamplingParams) -> Completion:

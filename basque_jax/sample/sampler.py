@@ -132,6 +132,7 @@ class Sampler:
         rows = 1 if self.ctx is None else batch_shards(self.ctx.mesh, self.ctx.rules)
         self.batch_size = int(math.ceil(cfg.batch_size / rows) * rows)
         self.max_len = cfg.max_len
+        self.prompt_buckets = cfg.prompt_buckets
         self.chunk_steps = cfg.chunk_steps
         self.adaptive = cfg.adaptive
         self.row_windows = cfg.adaptive and rows == 1  # rows split over devices: all of them
@@ -295,7 +296,7 @@ class Sampler:
         smallest power of two that holds them (all rows without ``row_windows``)."""
         for r in batch:
             self.check(r)
-        width = bucket(max(len(r.prompt) for r in batch), self.max_len)
+        width = bucket(max(len(r.prompt) for r in batch), self.max_len, self.prompt_buckets)
         n = rows_for(len(batch), self.batch_size) if self.row_windows else self.batch_size
         a = row_arrays(list(batch) + [None] * (n - len(batch)), width, self.max_stop_ids)
         mode = sort_mode([r.params for r in batch], self.vocab_size)
@@ -303,7 +304,8 @@ class Sampler:
 
     def _fill_row(self, state: DecodeState, slot: int, req: Request) -> DecodeState:
         self.check(req)
-        a = row_arrays([req], bucket(len(req.prompt), self.max_len), self.max_stop_ids)
+        a = row_arrays([req], bucket(len(req.prompt), self.max_len, self.prompt_buckets),
+                       self.max_stop_ids)
         mode = sort_mode([req.params], self.vocab_size)
         return self._prefill_rows(self._weights(), state, a, jnp.int32(slot), mode=mode)
 
