@@ -3,7 +3,9 @@ CPU), on the same model folder, the same task requests and the same machine, in 
 
 Workloads (offline task YAMLs of the tests, over ``../shared/data/eu``):
 
-* ``loglikelihood``: the multiple-choice requests of TruthfulQA-eu (one per choice), 0-shot;
+* ``loglikelihood``: the multiple-choice requests of TruthfulQA-eu (one per choice), 0-shot,
+  and again ``--mc-fewshot``-shot (5, the study's setting: long contexts shared by the choices,
+  which ``basque_jax`` runs once per question);
 * ``generate_until``: greedy generation over QNLI-eu with stop strings ``\\n`` / ``.`` and
   ``--max-gen-toks`` new tokens, 1-shot.
 
@@ -14,7 +16,8 @@ sides and the best of each counts. The outputs are compared too (max |delta log-
 identical generations), so the two sides do the same work. One JSON line per workload (with
 the 1-minute load average), then a summary line.
 
-    python benchmarks/eval.py [--limit 4 --repeats 2 --batch-size 8 --max-gen-toks 8]
+    python benchmarks/eval.py [--limit 4 --repeats 2 --batch-size 8 --max-gen-toks 8
+                              --mc-fewshot 5]
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-gen-toks", type=int, default=8)
+    p.add_argument("--mc-fewshot", type=int, default=5,
+                   help="few-shot examples of the second loglikelihood workload")
     return p.parse_args(argv)
 
 
@@ -60,9 +65,12 @@ def main(argv=None) -> int:
     hf = hf_reference(folder, batch_size=args.batch_size)
     load_hf = time.perf_counter() - t0
     _, ll_requests = build_instances(mc_task(), limit=args.limit)
+    _, ll_shot_requests = build_instances(mc_task(), limit=args.limit,
+                                          num_fewshot=args.mc_fewshot)
     _, gen_requests = build_instances(gen_task(max_gen_toks=args.max_gen_toks),
                                       limit=args.limit, num_fewshot=1)
     workloads = {"loglikelihood": ("loglikelihood", ll_requests),
+                 f"loglikelihood_{args.mc_fewshot}shot": ("loglikelihood", ll_shot_requests),
                  "generate_until": ("generate_until", gen_requests)}
     print(json.dumps({"section": "settings", "model": str(folder), "limit": args.limit,
                       "batch_size": args.batch_size, "repeats": args.repeats,

@@ -42,7 +42,7 @@ from lm_eval.models.utils import has_bos_prefix, resolve_max_length
 
 from basque_jax.errors import UserError
 from basque_jax.eval.hf_tokenizer import GenerationDefaults, export_tokenizer, folder_tokenizer
-from basque_jax.eval.scoring import score_fn, score_requests
+from basque_jax.eval.scoring import make_scorer, score_requests
 from basque_jax.sharding import MeshConfig
 
 DEFAULT_BATCH_SIZE = 16
@@ -79,9 +79,9 @@ class EvalModel:
         self.version += 1
 
     def scorer(self):
-        """The one jitted scorer (:func:`score_fn`) of this model's structure."""
+        """The jitted scorers (:func:`make_scorer`) of this model's structure."""
         if "scorer" not in self.compiled:
-            self.compiled["scorer"] = score_fn(nnx.split(self.merged())[0])
+            self.compiled["scorer"] = make_scorer(nnx.split(self.merged())[0])
         return self.compiled["scorer"]
 
 

@@ -6,7 +6,8 @@ of the continuation's log-probabilities under the model and whether every contin
 is the model's argmax -- lm-eval's ``(logprob, is_greedy)``, computed as its ``hf`` backend
 does: context + continuation truncated on the left to ``max_length + 1`` tokens, log-softmax
 in float32 (float64 for a float64 model) over the whole output vocabulary, the continuation's
-token log-probabilities summed in float64. Rows are sorted by length and padded to a few
+token log-probabilities summed in float64. Requests sharing a long context run it once
+(:mod:`basque_jax.eval.shared_prefix`); the others are sorted by length and padded to a few
 lengths (at most 25 % or 15 tokens of padding); the output head runs on the
 continuations only (each batch's longest, padded likewise). On a mesh rows are split over
 the batch axes, every process holding the full request list (SPMD) and reading back every
@@ -16,6 +17,7 @@ row's result.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from basque_jax.errors import UserError
+from basque_jax.eval.shared_prefix import batch_arrays, plan, shared_score_fn
 from basque_jax.sample.requests import FINE_BUCKETS, bucket
 from basque_jax.sharding import batch_sharding, batch_shards, to_host, use_sharding
 
@@ -82,23 +85,48 @@ def score_fn(graphdef: nnx.GraphDef):
     return jax.jit(score, static_argnames="span")
 
 
+class Scorer(NamedTuple):
+    """The compiled scorers of one model structure: row by row, and shared contexts."""
+
+    rows: Any
+    shared: Any
+
+
+def make_scorer(graphdef: nnx.GraphDef) -> Scorer:
+    return Scorer(score_fn(graphdef), shared_score_fn(graphdef))
+
+
 def score_requests(model: nnx.Module, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
                    *, batch_size: int = 8, max_length: int | None = None,
-                   mesh: Mesh | None = None, rules: dict | None = None, scorer=None
+                   mesh: Mesh | None = None, rules: dict | None = None,
+                   scorer: Scorer | None = None, share_contexts: bool = True
                    ) -> list[tuple[float, bool]]:
     """``(log-likelihood, is_greedy)`` of each ``(context, continuation)`` token-id pair.
 
     Rows longer than ``max_length`` (default: the model's ``max_position_embeddings``) lose
     tokens from the left. With a ``mesh``, rows are sharded over its batch axes (the batch is
-    rounded up to a multiple of their size). ``scorer``: a :func:`score_fn` to reuse.
+    rounded up to a multiple of their size). Requests with the same context run it once
+    (:mod:`basque_jax.eval.shared_prefix`) unless ``share_contexts`` is False.
+    ``scorer``: a :func:`make_scorer` to reuse.
     """
     max_length = max_length or model.config.max_position_embeddings
-    if mesh is not None:
-        ways = batch_shards(mesh, rules)
-        batch_size = -(-batch_size // ways) * ways
-        sharding = batch_sharding(mesh, rules)
+    ways = 1 if mesh is None else batch_shards(mesh, rules)
+    batch_size = -(-batch_size // ways) * ways
     graphdef, state = nnx.split(model)
-    score = scorer or score_fn(graphdef)
+    scorer = scorer or make_scorer(graphdef)
+
+    def run(fn, arrays: dict[str, np.ndarray], **static: Any) -> tuple[np.ndarray, np.ndarray]:
+        if mesh is None:
+            ll, greedy = fn(state, *map(jnp.asarray, arrays.values()), **static)
+        else:
+            sharding = batch_sharding(mesh, rules)
+            placed = [jax.make_array_from_callback(a.shape, sharding, lambda idx, a=a: a[idx])
+                      for a in arrays.values()]
+            with use_sharding(mesh, rules):
+                ll, greedy = fn(state, *placed, **static)
+        ll, greedy = to_host((ll, greedy))
+        return ll.astype(np.float64).sum(axis=-1), greedy
+
     rows = []
     for ctx, cont in requests:
         if not cont:
@@ -107,8 +135,13 @@ def score_requests(model: nnx.Module, requests: Sequence[tuple[Sequence[int], Se
             raise UserError("empty context: give a BOS token or a prompt")
         tokens = [*ctx, *cont][-(max_length + 1):]
         rows.append((tokens, min(len(cont), len(tokens) - 1)))
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+    shared, alone = plan(rows, batch_size) if share_contexts else ([], list(range(len(rows))))
+    for batch in shared:
+        ll, greedy = run(scorer.shared, batch_arrays(batch, rows, batch_size, max_length, ways))
+        for r, i in enumerate(i for members in batch.members for i in members):
+            out[i] = (float(ll[r]), bool(greedy[r]))
+    order = sorted(alone, key=lambda i: -len(rows[i][0]))
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         length = bucket(max(len(rows[i][0]) - 1 for i in chunk), max_length, FINE_BUCKETS)
@@ -123,15 +156,7 @@ def score_requests(model: nnx.Module, requests: Sequence[tuple[Sequence[int], Se
             arrays["positions"][r, :n] = np.arange(n)
             arrays["segments"][r, :n] = 1
             arrays["mask"][r, n - n_cont:n] = 1
-        if mesh is not None:
-            placed = [jax.make_array_from_callback(a.shape, sharding, lambda idx, a=a: a[idx])
-                      for a in arrays.values()]
-            with use_sharding(mesh, rules):
-                ll, greedy = score(state, *placed, span=span)
-        else:
-            ll, greedy = score(state, *map(jnp.asarray, arrays.values()), span=span)
-        ll, greedy = to_host((ll, greedy))
-        ll = ll.astype(np.float64).sum(axis=-1)
+        ll, greedy = run(scorer.rows, arrays, span=span)
         for r, i in enumerate(chunk):
             out[i] = (float(ll[r]), bool(greedy[r]))
     return out

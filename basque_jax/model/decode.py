@@ -76,6 +76,12 @@ def slice_layers(stacked: nnx.State, n: int) -> list[nnx.State]:
     return [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)]
 
 
+def layer_modules(model: Llama) -> list[nnx.Module]:
+    """The model's decoder layers as modules over static slices of the stacked weights."""
+    graphdef, stacked = nnx.split(model.layers)
+    return [nnx.merge(graphdef, s) for s in slice_layers(stacked, model.config.num_hidden_layers)]
+
+
 def fuse_layer(layer: nnx.Module) -> Fused:
     """Concatenated q/k/v and gate/up kernels of one (unstacked, adapter-free) layer."""
     a, m = layer.self_attn, layer.mlp
@@ -195,7 +201,5 @@ def decode_step(model: Llama, tokens: jax.Array, cache: SlotCache, *,
     slots = cache.end[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     positions = slots if positions is None else positions
     segment_ids = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
-    graphdef, stacked = nnx.split(model.layers)
-    layers = [nnx.merge(graphdef, s) for s in slice_layers(stacked, model.config.num_hidden_layers)]
-    hidden, cache = forward(model, layers, tokens, positions, segment_ids, cache)
+    hidden, cache = forward(model, layer_modules(model), tokens, positions, segment_ids, cache)
     return model.logits(hidden), cache
