@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 
 from basque_jax.errors import UserError
 from basque_jax.eval.shared_prefix import batch_arrays, plan, shared_score_fn
+from basque_jax.model.loss import target_logprobs
 from basque_jax.sample.requests import FINE_BUCKETS, bucket
 from basque_jax.sharding import batch_sharding, batch_shards, to_host, use_sharding
 
@@ -70,13 +71,8 @@ def score_fn(graphdef: nnx.GraphDef):
 
         def one(greedy, xs):
             h, tg, m = xs
-            logits = model.logits(h)
-            logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-            logp = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-            picked = jnp.take_along_axis(logp, tg[..., None], axis=-1)[..., 0]
-            on = m > 0
-            ok = jnp.all(jnp.where(on, jnp.argmax(logits, axis=-1) == tg, True), axis=-1)
-            return greedy & ok, jnp.where(on, picked, 0.0)
+            picked, ok = target_logprobs(model.logits(h), tg, m)
+            return greedy & ok, picked
 
         greedy, picked = jax.lax.scan(one, jnp.ones((b,), bool),
                                       (split(hidden), split(targets), split(mask)))

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from basque_jax.model.decode import forward, init_slot_cache, layer_modules
+from basque_jax.model.loss import target_logprobs
 from basque_jax.sample.requests import FINE_BUCKETS, bucket
 
 Row = tuple[list[int], int]  # truncated context + continuation tokens, continuation length
@@ -120,12 +121,6 @@ def shared_score_fn(graphdef: nnx.GraphDef):
             pos = context_len[rows] + jnp.arange(span, dtype=jnp.int32)[None, :]
             own, _ = forward(model, layers, tokens, pos, mask[:, 1:], cache)
             hidden = jnp.concatenate([hidden, own], axis=1)
-        logits = model.logits(hidden)
-        logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-        logp = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-        picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-        on = mask > 0
-        greedy = jnp.all(jnp.where(on, jnp.argmax(logits, axis=-1) == targets, True), axis=-1)
-        return jnp.where(on, picked, 0.0), greedy
+        return target_logprobs(model.logits(hidden), targets, mask)
 
     return jax.jit(score)

@@ -26,6 +26,18 @@ def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array,
     return nll, z
 
 
+def target_logprobs(logits: jax.Array, targets: jax.Array, mask: jax.Array
+                    ) -> tuple[jax.Array, jax.Array]:
+    """Each target's log-probability (float32, or float64 logits' own; 0 where ``mask`` is 0)
+    and, per row, whether every masked target is the argmax: lm-eval's scoring quantities."""
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    logp = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    on = mask > 0
+    greedy = jnp.all(jnp.where(on, jnp.argmax(logits, axis=-1) == targets, True), axis=-1)
+    return jnp.where(on, picked, 0.0), greedy
+
+
 def chunked_cross_entropy(project: Callable[[jax.Array], jax.Array], hidden: jax.Array,
                           targets: jax.Array, mask: jax.Array, z_loss: float,
                           chunk: int) -> tuple[jax.Array, jax.Array]:
