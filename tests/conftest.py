@@ -11,8 +11,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-jax.config.update("jax_default_matmul_precision", "highest")
-
 # Tests that hold the real SmolLM2 (several GB each across 8 fake devices, torch copies and
 # compiles) share one xdist worker (`pytest -n 2 --dist loadgroup`): two of them at once on
 # the two workers would exceed the CI machine's memory.

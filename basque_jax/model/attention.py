@@ -15,6 +15,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from basque_jax.model.precision import default_precision_for, matmul_precision
+
 IMPLEMENTATIONS = ("auto", "xla", "dot_product", "cudnn", "splash", "splash_interpret")
 
 
@@ -83,9 +85,10 @@ def nn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, 
         groups = q.shape[2] // k.shape[2]
         k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
     dpa = functools.partial(jax.nn.dot_product_attention, implementation=backend)
-    return jax.lax.cond(one_document_rows(mask),
-                        lambda q, k, v: dpa(q, k, v, is_causal=True),
-                        lambda q, k, v: dpa(q, k, v, mask=mask.dense()[:, None]), q, k, v)
+    with default_precision_for(q.dtype):
+        return jax.lax.cond(one_document_rows(mask),
+                            lambda q, k, v: dpa(q, k, v, is_causal=True),
+                            lambda q, k, v: dpa(q, k, v, mask=mask.dense()[:, None]), q, k, v)
 
 
 def causal_query_blocks(length: int, min_block: int = 128, max_blocks: int = 4) -> int:
@@ -143,12 +146,13 @@ def _attend(qh: jax.Array, kh: jax.Array, vh: jax.Array, allowed: jax.Array) -> 
     b, kv_heads, g, t, d = qh.shape
     s = kh.shape[-1]
     wide = jnp.promote_types(qh.dtype, jnp.float32)  # float32, or float64 for a float64 model
-    logits = jnp.matmul(qh.reshape(b, kv_heads, g * t, d), kh,
+    precision = matmul_precision(qh.dtype)
+    logits = jnp.matmul(qh.reshape(b, kv_heads, g * t, d), kh, precision=precision,
                         preferred_element_type=wide) * (d**-0.5)
     logits = logits.reshape(b, kv_heads, g, t, s)
     logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(wide).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(vh.dtype).reshape(b, kv_heads, g * t, s)
-    return jnp.matmul(probs, vh).reshape(b, kv_heads, g, t, d)
+    return jnp.matmul(probs, vh, precision=precision).reshape(b, kv_heads, g, t, d)
 
 
 def splash_attention(

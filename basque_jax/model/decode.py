@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from basque_jax.model.attention import AttentionMask, cached_attention
 from basque_jax.model.config import LlamaConfig
 from basque_jax.model.llama import Llama
+from basque_jax.model.precision import matmul
 from basque_jax.model.rope import apply_rope, inverse_frequencies, rope_tables
 from basque_jax.sharding import constrain
 
@@ -126,16 +127,11 @@ def _write(buffer: jax.Array, update: jax.Array, start: jax.Array, axis: int) ->
     return jax.vmap(one)(buffer, update, start)
 
 
-def _matmul(x: jax.Array, kernel: jax.Array, dtype: Any) -> jax.Array:
-    """``Linear``'s base product: both operands in the compute dtype."""
-    return x.astype(dtype) @ kernel.astype(dtype)
-
-
 def _mlp(mlp: nnx.Module, x: jax.Array, fused: Fused | None, dtype: Any) -> jax.Array:
     """The layer's SwiGLU MLP, with gate and up in one matmul when ``fused`` is given."""
     if fused is None:
         return mlp(x)
-    gate, up = jnp.split(_matmul(x, fused.gate_up, dtype), 2, axis=-1)
+    gate, up = jnp.split(matmul(x, fused.gate_up, dtype), 2, axis=-1)
     return mlp.down_proj(constrain(jax.nn.silu(gate) * up, ("batch", "sequence", "act_mlp")))
 
 
@@ -170,7 +166,7 @@ def forward(model: Llama, layers: Sequence[nnx.Module], tokens: jax.Array,
         if f is None:
             q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
         else:
-            q, k, v = jnp.split(_matmul(h, f.qkv, model.dtype), [nh * hd, (nh + nkv) * hd],
+            q, k, v = jnp.split(matmul(h, f.qkv, model.dtype), [nh * hd, (nh + nkv) * hd],
                                 axis=-1)
         q = apply_rope(q.reshape(b, t, nh, hd), cos, sin)
         k = apply_rope(k.reshape(b, t, nkv, hd), cos, sin)

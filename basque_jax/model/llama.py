@@ -16,6 +16,7 @@ from flax import nnx
 
 from basque_jax.model.attention import AttentionMask, attention
 from basque_jax.model.config import LlamaConfig
+from basque_jax.model.precision import matmul
 from basque_jax.model.rope import apply_rope, inverse_frequencies, rope_tables
 from basque_jax.sharding import constrain
 
@@ -71,15 +72,15 @@ class Linear(nnx.Module):
         lead = x.shape[:-1]
         x = x.astype(self.dtype)
         x2 = x.reshape(-1, x.shape[-1])
-        y = x2 @ self.kernel[...].astype(self.dtype)
+        y = matmul(x2, self.kernel[...], self.dtype)
         if self.lora_a is not None and self.lora_b is not None:
             xa = x2
             if dropout_key is not None and self.lora_dropout > 0.0:
                 keep = jax.random.bernoulli(dropout_key, 1.0 - self.lora_dropout, x.shape)
                 xa = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(self.dtype)
                 xa = xa.reshape(x2.shape)
-            low = xa @ self.lora_a[...].astype(self.dtype)
-            y = y + (low @ self.lora_b[...].astype(self.dtype)) * jnp.asarray(
+            low = matmul(xa, self.lora_a[...], self.dtype)
+            y = y + matmul(low, self.lora_b[...], self.dtype) * jnp.asarray(
                 self.lora_scale, self.dtype
             )
         return y.reshape(*lead, y.shape[-1])
@@ -184,7 +185,7 @@ class Embed(nnx.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied output projection: ``x @ embedding.T``."""
-        return x.astype(self.dtype) @ self.embedding[...].astype(self.dtype).T
+        return matmul(x, self.embedding[...].T, self.dtype)
 
 
 class Llama(nnx.Module):
