@@ -5,6 +5,9 @@ end at its template's end of turn, and a few LoRA steps lower held-out Basque lo
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,15 @@ QUESTIONS = ["Kaixo!", "Zer da euskara, eta non hitz egiten da?",
              "Write one sentence about the Basque Country and its mountains, please.",
              "List three colours in Basque and explain briefly where each word comes from."]
 NEW_TOKENS = 40
+
+
+def _cli(*args: str) -> None:
+    """``basque-jax ARGS`` as users run it, on one CPU device (the 8 fake devices of the suite
+    cost a 135M model's sharded steps 2x on 2 cores; the weights fit one device)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    proc = subprocess.run([sys.executable, "-m", "basque_jax.cli", *args], capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 def _prompts(tok) -> list[list[int]]:
@@ -84,15 +96,11 @@ def test_greedy_with_lora_equals_transformers_and_peft_generate(smollm2, adapted
 
 
 def test_magpie_instructions_end_at_the_template_end_of_turn(smollm2, tmp_path):
-    from basque_jax.sample.config import load_generate_config
-    from basque_jax.sample.magpie import run_generate
     from basque_jax.sample.shards import read_records
 
-    cfg = load_generate_config(REPO / "configs" / "sample" / "magpie_smollm2.yaml",
-                               [f"vars.out={tmp_path}", "num_samples=4",
-                                "response.max_new_tokens=24", "instruction.max_new_tokens=40",
-                                "sampler.max_len=160", "mesh.data=1", "mesh.fsdp=-1"])
-    run_generate(cfg)
+    _cli("generate", "configs/sample/magpie_smollm2.yaml", f"vars.out={tmp_path}",
+         "num_samples=4", "response.max_new_tokens=24", "instruction.max_new_tokens=40",
+         "sampler.max_len=160")
     records = list(read_records(sorted((tmp_path / "magpie").glob("shard-*.jsonl"))))
     assert len(records) == 4
     finished = [r for r in records if r["metadata"]["finish_reasons"][0] == "stop"]
@@ -108,18 +116,13 @@ def test_lora_steps_lower_held_out_basque_loss(smollm2, tmp_path):
     val = SHARED_DATA / "eu" / "bhtc_news_val.jsonl"
     if not bhtc.exists():
         pytest.skip(f"{bhtc} not present")
-    from basque_jax.config import load_config
-    from basque_jax.train.loop import run_training
-
     corpus = f"[{{kind: corpus, path: {bhtc}, name: bhtc, max_records: 200}}]"
     held = f"[{{kind: corpus, path: {val}, name: val, max_records: 32}}]"
-    cfg = load_config(REPO / "configs" / "demo_smollm2.yaml", [
-        f"vars.out={tmp_path}", f"data.sources={corpus}", f"eval_data.sources={held}",
-        "data.batch_size=8", "data.seq_len=64", "eval_data.batch_size=8",
-        "eval_data.seq_len=64", "train.steps=12", "train.eval_every=12",
-        "train.progress_bar=false", "train.tensorboard=false", "optim.lr=2e-3",
-        "mesh.data=1", "mesh.fsdp=-1"])  # weights split 8 ways, not copied on 8 devices
-    run_training(cfg)
+    _cli("train", "configs/demo_smollm2.yaml",
+         f"vars.out={tmp_path}", f"data.sources={corpus}", f"eval_data.sources={held}",
+         "data.batch_size=8", "data.seq_len=64", "eval_data.batch_size=8",
+         "eval_data.seq_len=64", "train.steps=12", "train.eval_every=12",
+         "train.progress_bar=false", "train.tensorboard=false", "optim.lr=2e-3")
     evals = [json.loads(x)["eval_loss"] for x in
              (tmp_path / "train" / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x]
     assert len(evals) == 2 and np.isfinite(evals).all()
