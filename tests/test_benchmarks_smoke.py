@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # One script run (three child processes, a handful of compiles; ~25 s on 2 idle cores) for all
 # the tests that read its lines; 52 s under pytest on the shared box, hence marked slow.
 smoke = pytest.mark.slow
+pytestmark = pytest.mark.xdist_group("benchmarks_smoke")  # one script run, not one per worker
 
 
 @pytest.fixture(scope="session")

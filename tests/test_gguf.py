@@ -33,6 +33,8 @@ from basque_jax.model.gguf import (
 
 SMOLLM2 = "smollm2-135m-instruct"
 CHAT_ROWS = SHARED_DATA / "eu" / "truthfulqa_eu_chat.jsonl"
+# The tests on transformers' GGUF reference logits share one worker: it is built once.
+SMOLLM2_REFERENCE = pytest.mark.xdist_group("smollm2_gguf_reference")
 # Measured on the real model (logits up to |45|, 52-1857 tokens): fp32 max |Δ| 1.4e-4-1.7e-4;
 # bf16 weights+compute max |Δ| 1.4-2.2, mean 0.11-0.16 (transformers' bf16: 1.6, 0.11-0.20).
 FP32_ATOL = 2e-3
@@ -304,6 +306,7 @@ def _ours(folder: Path, prompts: list[list[int]], **kwargs) -> list[np.ndarray]:
 
 
 @pytest.mark.slow
+@SMOLLM2_REFERENCE
 def test_converted_folder_loads_in_transformers(smollm2, gguf_reference, chat_prompts,
                                                 reference_logits):
     config = json.loads((smollm2 / "config.json").read_text())
@@ -327,6 +330,7 @@ def test_converted_folder_loads_in_transformers(smollm2, gguf_reference, chat_pr
 
 
 @pytest.mark.slow
+@SMOLLM2_REFERENCE
 def test_fp32_logits_match_transformers_gguf(smollm2, chat_prompts, reference_logits):
     assert [len(p) for p in chat_prompts] == sorted({len(p) for p in chat_prompts})
     assert len(chat_prompts[-1]) > 300
@@ -337,6 +341,7 @@ def test_fp32_logits_match_transformers_gguf(smollm2, chat_prompts, reference_lo
 
 
 @pytest.mark.slow
+@SMOLLM2_REFERENCE
 def test_bf16_logits_stay_near_fp32(smollm2, chat_prompts, reference_logits):
     ours = _ours(smollm2, chat_prompts, dtype="bfloat16")
     deltas = [np.abs(o - r) for o, r in zip(ours, reference_logits, strict=True)]

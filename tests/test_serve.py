@@ -21,6 +21,8 @@ import pytest
 import torch
 from _serve_utils import hf_chat_reference, hf_greedy, openai_client, served, tiny_chat_model
 
+# One worker for the module: its models, LoRA run and server are built once.
+pytestmark = pytest.mark.xdist_group("serve_tiny")
 REPO = Path(__file__).resolve().parents[1]
 MESSAGES = [{"role": "system", "content": "Euskaraz erantzun."},
             {"role": "user", "content": "Kaixo, zer moduz?"}]
