@@ -58,8 +58,8 @@ def _cli(*args: str) -> int:
     return main(["export", *map(str, args)])
 
 
-# The tests on the trained runs share one worker: the runs are trained once.
-ON_RUNS = pytest.mark.xdist_group("export_runs")
+# One worker for the module: the runs its tests share are trained once.
+pytestmark = pytest.mark.xdist_group("export_runs")
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,6 @@ def test_bf16_default_is_the_float32_export_rounded(hf_checkpoint, tmp_path):
 
 
 # ------------------------------------------------------------------ run checkpoints
-@ON_RUNS
 def test_lora_merged_export_matches_our_model_in_transformers(runs, tmp_path):
     ours = runs["lora_logits"]
     base = hf_logits(runs["hf"], IDS)
@@ -128,7 +127,6 @@ def test_lora_merged_export_matches_our_model_in_transformers(runs, tmp_path):
     assert (out / "tokenizer.json").read_bytes() == (runs["hf"] / "tokenizer.json").read_bytes()
 
 
-@ON_RUNS
 def test_peft_export_loads_in_peft_and_matches_merged(runs, tmp_path):
     assert _cli(runs["lora"], tmp_path / "adapter", "--peft") == 0
     adapter = tmp_path / "adapter"
@@ -158,7 +156,6 @@ def test_peft_export_loads_in_peft_and_matches_merged(runs, tmp_path):
     np.testing.assert_allclose(via_peft, runs["lora_logits"], atol=1e-4, rtol=0)
 
 
-@ON_RUNS
 def test_lora_bf16_frozen_base_merges_as_trained(runs, tmp_path):
     """With ``lora.base_dtype: bfloat16`` the trained model saw a bf16-rounded base: the merged
     export must fold the adapters into that base, not into the float32 backbone file."""
@@ -175,7 +172,6 @@ def test_lora_bf16_frozen_base_merges_as_trained(runs, tmp_path):
     np.testing.assert_allclose(hf_logits(tmp_path / "out", IDS), ours, atol=1e-4, rtol=0)
 
 
-@ON_RUNS
 def test_full_finetune_exports_merged_and_matches(runs, tmp_path):
     ours = runs["full_logits"]
     assert np.abs(ours - hf_logits(runs["hf"], IDS)).max() > 1e-2
@@ -184,7 +180,6 @@ def test_full_finetune_exports_merged_and_matches(runs, tmp_path):
     np.testing.assert_allclose(hf_logits(tmp_path / "out", IDS), ours, atol=1e-4, rtol=0)
 
 
-@ON_RUNS
 def test_import_peft_adapter_and_continue_training(runs, tmp_path):
     export(runs["lora"], tmp_path / "adapter", mode="peft")
     # rank 16 / alpha 32 in the config: the adapter's own r=4, alpha=8, rsLoRA must win. One
@@ -202,7 +197,6 @@ def test_import_peft_adapter_and_continue_training(runs, tmp_path):
                                atol=1e-4, rtol=0)
 
 
-@ON_RUNS
 def test_import_adapter_written_by_peft(runs, tmp_path):
     torch.manual_seed(1)
     theirs = peft.get_peft_model(
@@ -223,7 +217,6 @@ def test_import_adapter_written_by_peft(runs, tmp_path):
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(IDS))), want, atol=1e-4, rtol=0)
 
 
-@ON_RUNS
 def test_eval_of_a_run_equals_eval_of_its_merged_export(runs, tmp_path, capsys):
     corpus = REPO / "basque_jax" / "assets" / "eu_sample_corpus.jsonl"
     export(runs["lora"], tmp_path / "merged", dtype="float32")
@@ -239,7 +232,6 @@ def test_eval_of_a_run_equals_eval_of_its_merged_export(runs, tmp_path, capsys):
     np.testing.assert_allclose(run["perplexity"]["nll"], merged["perplexity"]["nll"], rtol=1e-5)
 
 
-@ON_RUNS
 def test_load_peft_adapter_errors(runs, tmp_path):
     export(runs["lora"], tmp_path / "good", mode="peft")
     model_cfg = LlamaConfig.from_hf_file(runs["hf"])
@@ -347,7 +339,6 @@ def test_generation_config_for_instruct_and_base(hf_checkpoint, tmp_path):
 
 
 # ------------------------------------------------------------------ errors
-@ON_RUNS
 def test_error_cases(runs, hf_checkpoint, tmp_path, capsys):
     src = hf_checkpoint("llama31")
 
