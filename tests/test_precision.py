@@ -14,6 +14,7 @@ from flax import nnx
 
 from basque_jax import Llama, LlamaConfig
 from basque_jax.eval.scoring import make_scorer
+from basque_jax.model.attention import AttentionMask, attention
 from basque_jax.model.decode import decode_step, init_slot_cache
 from basque_jax.model.lora import LoraConfig, apply_lora
 
@@ -61,3 +62,21 @@ def test_float32_compute_runs_every_matmul_at_highest(attention):
 def test_bfloat16_compute_keeps_the_backend_default():
     for name, lowered in programs(jnp.bfloat16, "xla").items():
         assert set(dot_precisions(lowered)) == {"DEFAULT"}, name
+
+
+@pytest.mark.parametrize("dtype,want", [(jnp.float32, "HIGHEST"), (jnp.bfloat16, "DEFAULT")])
+def test_splash_kernel_dots_follow_the_compute_dtype(dtype, want):
+    """The Pallas kernel's own matmuls (forward and backward; interpret mode lowers them to
+    ordinary dots) take the default precision, which the float32 path sets."""
+    q = jnp.ones((1, 128, 4, 16), dtype)
+    kv = jnp.ones((1, 128, 2, 16), dtype)
+    slots, seg = jnp.arange(128)[None], jnp.ones((1, 128), jnp.int32)
+    mask = AttentionMask(slots, slots, seg, seg)
+
+    def loss(q, k, v):
+        return attention(q, k, v, mask, implementation="splash_interpret").astype(
+            jnp.float32).sum()
+
+    with jax.default_matmul_precision("bfloat16"):
+        lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv)
+    assert set(dot_precisions(lowered)) == {want}

@@ -60,7 +60,9 @@ def attention(
     """
     impl = resolve_implementation(implementation)
     if impl in ("splash", "splash_interpret"):
-        return splash_attention(q, k, v, mask, interpret=impl == "splash_interpret")
+        splash = functools.partial(splash_attention, mask=mask,
+                                   interpret=impl == "splash_interpret")
+        return _at_precision_of(q.dtype, splash)(q, k, v)
     if impl in ("dot_product", "cudnn"):
         return nn_attention(q, k, v, mask, backend="cudnn" if impl == "cudnn" else "xla")
     return xla_attention(q, k, v, mask, query_blocks=causal_query_blocks(q.shape[1]))
@@ -204,6 +206,30 @@ def splash_attention(
                         out_specs=q_spec, check_vma=False)(qh, kh, vh, mask.q_segments,
                                                            mask.kv_segments)
     return jnp.swapaxes(out, 1, 2)
+
+
+def _at_precision_of(dtype, fn):
+    """``fn(q, k, v)`` with its forward and its backward traced at ``dtype``'s matmul
+    precision: a Pallas kernel's dots take the default precision, and its backward pass is
+    traced when the gradient is, outside any scope set around the forward call."""
+    if matmul_precision(dtype) is None:
+        return fn
+
+    @jax.custom_vjp
+    def run(q, k, v):
+        with default_precision_for(dtype):
+            return fn(q, k, v)
+
+    def forward(q, k, v):
+        with default_precision_for(dtype):
+            return jax.vjp(fn, q, k, v)
+
+    def backward(pullback, grad):
+        with default_precision_for(dtype):
+            return pullback(grad)
+
+    run.defvjp(forward, backward)
+    return run
 
 
 def _splash_block(seq_len: int) -> int:
