@@ -43,9 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def log_softmax64(logits: np.ndarray) -> np.ndarray:
     """Exact (float64) log-softmax over the last axis."""
-    x = logits.astype(np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+    from scipy.special import log_softmax
+
+    return log_softmax(logits.astype(np.float64), axis=-1)
 
 
 def picked(logp: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -72,17 +72,20 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from basque_jax.model.gguf import model_path
-    from basque_jax.model.hf import load_pretrained
     from basque_jax.model.loss import target_logprobs
+    from basque_jax.runs import load_model
 
     folder = model_path(args.model)
+    if not (folder / "config.json").is_file():
+        print(f"eval_precision: {folder} is not a Hugging Face model folder", file=sys.stderr)
+        return 2
     tokenizer = AutoTokenizer.from_pretrained(folder)
     lines = args.data.read_text(encoding="utf-8").splitlines()[: args.docs]
     rows = [np.asarray(tokenizer(json.loads(line)["text"]).input_ids[: args.max_tokens])
             for line in lines]
     hf32 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     hf64 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64)
-    ours = load_pretrained(folder, dtype="float32")
+    ours = load_model(folder, dtype="float32", devices=jax.devices()[:1]).model
     forward = jax.jit(lambda model, ids: model(ids))
     ours_logprobs = jax.jit(lambda logits, targets: target_logprobs(
         logits, targets, jnp.ones(targets.shape, jnp.int32))[0])

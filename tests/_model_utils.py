@@ -43,8 +43,9 @@ def hf_logits(folder: Path, ids: np.ndarray) -> np.ndarray:
         return model(torch.as_tensor(ids)).logits.numpy()
 
 
-def subprocess_env() -> dict[str, str]:
+def subprocess_env(devices: int = 8) -> dict[str, str]:
+    """The environment of a ``basque-jax`` subprocess: CPU, ``devices`` (fake) devices."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""
     env["JAX_PLATFORMS"] = "cpu"
     return env

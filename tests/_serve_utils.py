@@ -5,7 +5,6 @@ references for what the server should answer."""
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import httpx
 import openai
 import torch
-from _model_utils import make_tiny_hf
+from _model_utils import make_tiny_hf, subprocess_env
 from _openai_stub import free_port
 
 from basque_jax.arena.client import wait_until_up
@@ -33,14 +32,6 @@ def tiny_chat_model(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def server_env() -> dict[str, str]:
-    """One CPU device (the server's rows then need no cross-device work)."""
-    env = dict(os.environ)
-    env["JAX_PLATFORMS"] = "cpu"
-    env["XLA_FLAGS"] = ""
-    return env
-
-
 class ServeProcess:
     """``python -m basque_jax.serve ARGS`` (the ``basque-jax serve`` command) on a free port."""
 
@@ -51,8 +42,9 @@ class ServeProcess:
         with log.open("w") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "basque_jax.serve", *args, "--port", str(self.port),
-                 "--log-level", "warning"], cwd=REPO, env=server_env(), stdout=out,
-                stderr=subprocess.STDOUT)
+                 "--log-level", "warning"], cwd=REPO,
+                env=subprocess_env(devices=1),  # one device: rows need no cross-device work
+                stdout=out, stderr=subprocess.STDOUT)
 
     def wait_until_up(self, timeout: float = 240) -> ServeProcess:
         wait_until_up(f"{self.base_url}/models", self.proc, self.log, timeout, "serve")

@@ -32,3 +32,4 @@ def test_reports_each_source(tmp_path, capsys):
     for source in ("log_softmax/basque_jax", "log_softmax/torch_cpu"):
         assert 0 < rows[source]["max"] < 5e-6, rows[source]
     assert script.main(["--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert script.main(["--model", str(tmp_path)]) == 2

@@ -70,13 +70,14 @@ def test_splash_kernel_dots_follow_the_compute_dtype(dtype, want):
     ordinary dots) take the default precision, which the float32 path sets."""
     q = jnp.ones((1, 128, 4, 16), dtype)
     kv = jnp.ones((1, 128, 2, 16), dtype)
-    slots, seg = jnp.arange(128)[None], jnp.ones((1, 128), jnp.int32)
-    mask = AttentionMask(slots, slots, seg, seg)
 
-    def loss(q, k, v):
+    def loss(q, k, v, segments):  # segment ids traced, as in a train step
+        slots = jnp.arange(128)[None]
+        mask = AttentionMask(slots, slots, segments, segments)
         return attention(q, k, v, mask, implementation="splash_interpret").astype(
             jnp.float32).sum()
 
     with jax.default_matmul_precision("bfloat16"):
-        lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv)
+        lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(
+            q, kv, kv, jnp.ones((1, 128), jnp.int32))
     assert set(dot_precisions(lowered)) == {want}

@@ -5,7 +5,6 @@ end at its template's end of turn, and a few LoRA steps lower held-out Basque lo
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _model_utils import subprocess_env
 from conftest import REAL_MODEL_WORKER, SHARED_DATA
 
 from basque_jax.data.templates import make_chat_encoder
@@ -30,9 +30,8 @@ NEW_TOKENS = 40
 def _cli(*args: str) -> None:
     """``basque-jax ARGS`` as users run it, on one CPU device (the 8 fake devices of the suite
     cost a 135M model's sharded steps 2x on 2 cores; the weights fit one device)."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     proc = subprocess.run([sys.executable, "-m", "basque_jax.cli", *args], capture_output=True,
-                          text=True, env=env, cwd=REPO, timeout=900)
+                          text=True, env=subprocess_env(devices=1), cwd=REPO, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 

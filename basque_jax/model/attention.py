@@ -15,7 +15,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from basque_jax.model.precision import default_precision_for, matmul_precision
+from basque_jax.model.precision import at_precision_of, matmul_precision
 
 IMPLEMENTATIONS = ("auto", "xla", "dot_product", "cudnn", "splash", "splash_interpret")
 
@@ -62,7 +62,7 @@ def attention(
     if impl in ("splash", "splash_interpret"):
         splash = functools.partial(splash_attention, mask=mask,
                                    interpret=impl == "splash_interpret")
-        return _at_precision_of(q.dtype, splash)(q, k, v)
+        return at_precision_of(q.dtype, splash)(q, k, v)
     if impl in ("dot_product", "cudnn"):
         return nn_attention(q, k, v, mask, backend="cudnn" if impl == "cudnn" else "xla")
     return xla_attention(q, k, v, mask, query_blocks=causal_query_blocks(q.shape[1]))
@@ -87,10 +87,11 @@ def nn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, 
         groups = q.shape[2] // k.shape[2]
         k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
     dpa = functools.partial(jax.nn.dot_product_attention, implementation=backend)
-    with default_precision_for(q.dtype):
-        return jax.lax.cond(one_document_rows(mask),
-                            lambda q, k, v: dpa(q, k, v, is_causal=True),
-                            lambda q, k, v: dpa(q, k, v, mask=mask.dense()[:, None]), q, k, v)
+    causal = at_precision_of(q.dtype, functools.partial(dpa, is_causal=True))
+    masked = at_precision_of(q.dtype, lambda q, k, v, allowed: dpa(q, k, v, mask=allowed))
+    dense = mask.dense()[:, None]
+    return jax.lax.cond(one_document_rows(mask), causal,
+                        lambda q, k, v: masked(q, k, v, dense), q, k, v)
 
 
 def causal_query_blocks(length: int, min_block: int = 128, max_blocks: int = 4) -> int:
@@ -208,30 +209,6 @@ def splash_attention(
     return jnp.swapaxes(out, 1, 2)
 
 
-def _at_precision_of(dtype, fn):
-    """``fn(q, k, v)`` with its forward and its backward traced at ``dtype``'s matmul
-    precision: a Pallas kernel's dots take the default precision, and its backward pass is
-    traced when the gradient is, outside any scope set around the forward call."""
-    if matmul_precision(dtype) is None:
-        return fn
-
-    @jax.custom_vjp
-    def run(q, k, v):
-        with default_precision_for(dtype):
-            return fn(q, k, v)
-
-    def forward(q, k, v):
-        with default_precision_for(dtype):
-            return jax.vjp(fn, q, k, v)
-
-    def backward(pullback, grad):
-        with default_precision_for(dtype):
-            return pullback(grad)
-
-    run.defvjp(forward, backward)
-    return run
-
-
 def _splash_block(seq_len: int) -> int:
     for block in (512, 256, 128):
         if seq_len % block == 0:
@@ -252,6 +229,9 @@ def _splash_kernel(seq_len: int, heads: int, block: int, interpret: bool):
         block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
         block_q_dq=block, block_kv_dq=block,
     )
-    return sk.make_splash_mha(
-        mask=causal, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
-    )
+    # Cached across calls, and first built wherever a trace asks for it (under jit, inside
+    # a custom_vjp): its mask tables must be concrete arrays, not that trace's tracers.
+    with jax.ensure_compile_time_eval():
+        return sk.make_splash_mha(
+            mask=causal, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+        )

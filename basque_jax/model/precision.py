@@ -10,6 +10,7 @@ backend's default, which is already exact for bfloat16 operands. CPUs always com
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -26,9 +27,32 @@ def matmul(x: jax.Array, w: jax.Array, dtype: Any) -> jax.Array:
     return jnp.matmul(x.astype(dtype), w.astype(dtype), precision=matmul_precision(dtype))
 
 
-def default_precision_for(dtype: Any) -> contextlib.AbstractContextManager:
-    """A scope making ``dtype``'s precision the default, for library calls that take none
-    (``jax.nn.dot_product_attention``)."""
+def _default_precision_scope(dtype: Any) -> contextlib.AbstractContextManager:
     precision = matmul_precision(dtype)
     return contextlib.nullcontext() if precision is None else jax.default_matmul_precision(
-        "highest")
+        precision.name.lower())
+
+
+def at_precision_of(dtype: Any, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` (a library kernel whose matmuls take no precision: ``jax.nn.dot_product_attention``,
+    a Pallas kernel) with its forward and its backward traced at ``dtype``'s precision. A scope
+    around the call alone would miss the backward of a kernel with its own ``custom_vjp``: it
+    is traced when the gradient is."""
+    if matmul_precision(dtype) is None:
+        return fn
+
+    @jax.custom_vjp
+    def run(*args):
+        with _default_precision_scope(dtype):
+            return fn(*args)
+
+    def forward(*args):
+        with _default_precision_scope(dtype):
+            return jax.vjp(fn, *args)
+
+    def backward(pullback, grad):
+        with _default_precision_scope(dtype):
+            return pullback(grad)
+
+    run.defvjp(forward, backward)
+    return run
